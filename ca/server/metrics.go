@@ -1,0 +1,66 @@
+package server
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshid/meshid/ca"
+)
+
+// Metrics are the CA's Prometheus metrics.
+type Metrics struct {
+	requests     *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
+	issuance     prometheus.Histogram
+	reloads      *prometheus.CounterVec
+}
+
+// NewMetrics registers the CA's metrics with reg. The expiry gauges read
+// issuers on every scrape, so they follow reloads.
+func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_requests_total",
+			Help: "CreateCertificate requests by gRPC result code.",
+		}, []string{"code"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_auth_failures_total",
+			Help: "Requests refused by authentication, by reason.",
+		}, []string{"reason"}),
+		issuance: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meshid_ca_issuance_duration_seconds",
+			Help:    "Time to serve a successful CreateCertificate, authentication included.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_plugin_reloads_total",
+			Help: "Reloads of a plug-in CA after its files changed, by result.",
+		}, []string{"result"}),
+	}
+	expiry := func(name string, pick func(*ca.Issuer) float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "meshid_ca_cert_expiry_timestamp_seconds",
+			Help:        "NotAfter of the CA certificates in use, as a Unix time.",
+			ConstLabels: prometheus.Labels{"cert": name},
+		}, func() float64 {
+			is := issuers.Issuer()
+			if is == nil {
+				return 0
+			}
+			return pick(is)
+		})
+	}
+	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.reloads,
+		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
+		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
+	)
+	return m
+}
+
+// PluginReloaded counts a plug-in CA reload attempt.
+func (m *Metrics) PluginReloaded(err error) {
+	if err != nil {
+		m.reloads.WithLabelValues("error").Inc()
+		return
+	}
+	m.reloads.WithLabelValues("ok").Inc()
+}

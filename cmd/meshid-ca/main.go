@@ -1,0 +1,322 @@
+// Command meshid-ca issues SPIFFE X.509 certificates to Kubernetes workloads
+// over Istio's certificate API, after checking their service-account tokens.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/k8sauth"
+	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/server"
+)
+
+func main() {
+	var o options
+	cmd := &cobra.Command{
+		Use:   "meshid-ca",
+		Short: "Issue SPIFFE certificates to Kubernetes workloads over Istio's certificate API",
+		Long: `meshid-ca serves istio.v1.auth.IstioCertificateService/CreateCertificate.
+It authenticates each caller by its Kubernetes service-account token (TokenReview,
+or offline against the issuer's JWKS) and signs a short-lived certificate for
+spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.complete(); err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return run(ctx, &o)
+		},
+	}
+	o.addFlags(cmd.Flags())
+	if err := cmd.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "meshid-ca:", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(o *options) *slog.Logger {
+	hopts := &slog.HandlerOptions{Level: o.level}
+	var h slog.Handler = slog.NewJSONHandler(os.Stderr, hopts)
+	if o.logFormat == "text" {
+		h = slog.NewTextHandler(os.Stderr, hopts)
+	}
+	return slog.New(h)
+}
+
+func run(ctx context.Context, o *options) error {
+	log := newLogger(o)
+	klog.SetSlogLogger(log.With("source", "client-go"))
+
+	var kube kubernetes.Interface
+	if o.needsKube() {
+		cfg, err := kubeConfig(o.kubeconfig)
+		if err != nil {
+			return err
+		}
+		if kube, err = kubernetes.NewForConfig(cfg); err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+	}
+
+	authn, err := newAuthenticator(ctx, o, kube)
+	if err != nil {
+		return err
+	}
+
+	var issuers keys.Source
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := server.NewMetrics(reg, &issuers)
+
+	authority, err := ca.New(ca.Config{Issuers: &issuers, DefaultTTL: o.defaultTTL, MaxTTL: o.maxTTL})
+	if err != nil {
+		return err
+	}
+	svc, err := server.NewCertificateService(server.Config{
+		Authority:   authority,
+		Auth:        authn,
+		TrustDomain: o.td,
+		RateLimit:   o.limit(),
+		RateBurst:   o.rateBurst,
+		Metrics:     metrics,
+		Log:         log,
+	})
+	if err != nil {
+		return err
+	}
+
+	// A plug-in CA that does not load is a configuration error: refuse to
+	// start. Generated CAs in a Secret are retried until the API server
+	// answers, with /readyz false meanwhile.
+	if o.caSource == sourcePlugin {
+		p := &keys.Plugin{Dir: o.pluginDir}
+		is, err := p.Load()
+		if err != nil {
+			return fmt.Errorf("plug-in CA in %s: %w", o.pluginDir, err)
+		}
+		issuers.Set(is)
+		logIssuer(log, "plug-in CA loaded", is)
+		go p.Watch(ctx, &issuers, o.pluginPoll, log, metrics.PluginReloaded)
+	}
+	if o.caSource == sourceDir {
+		dir, err := keys.OpenStateDir(o.stateDir)
+		if err != nil {
+			return err
+		}
+		defer dir.Close()
+		is, err := loadGenerated(o, log, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+			return dir.LoadOrCreate(create)
+		})
+		if err != nil {
+			return err
+		}
+		issuers.Set(is)
+	}
+
+	var tlsConfig *tls.Config
+	serving := &server.ServingCertificate{Authority: authority, Issuers: &issuers, DNSNames: o.dnsNames, TTL: o.servingTTL}
+	if !o.plaintext {
+		tlsConfig = server.TLSConfig(serving)
+	}
+	grpcServer, health := server.NewGRPCServer(svc, tlsConfig, o.maxMessageBytes)
+
+	ready := func() error {
+		if issuers.Issuer() == nil {
+			return errors.New("CA keys not loaded")
+		}
+		return nil
+	}
+	httpServer := &http.Server{
+		Addr:              o.httpAddr,
+		Handler:           server.NewHTTPHandler(reg, ready),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+
+	grpcLis, err := net.Listen("tcp", o.grpcAddr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", o.grpcAddr, err)
+	}
+	httpLis, err := net.Listen("tcp", o.httpAddr)
+	if err != nil {
+		grpcLis.Close()
+		return fmt.Errorf("listen %s: %w", o.httpAddr, err)
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- grpcServer.Serve(grpcLis) }()
+	go func() { errc <- httpServer.Serve(httpLis) }()
+
+	if o.caSource == sourceSecret {
+		store := &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
+		go func() {
+			is, err := loadGenerated(o, log, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
+					return store.LoadOrCreate(ctx, create)
+				})
+			})
+			if err != nil {
+				errc <- err
+				return
+			}
+			issuers.Set(is)
+			server.SetServing(health, true)
+			log.Info("meshid-ca ready")
+		}()
+	} else {
+		server.SetServing(health, true)
+	}
+	log.Info("meshid-ca serving",
+		"grpc_addr", grpcLis.Addr().String(), "http_addr", httpLis.Addr().String(),
+		"tls", !o.plaintext, "trust_domain", o.td.String(), "auth", o.auth, "ca_source", o.caSource)
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err = <-errc:
+		log.Error("server stopped", "error", err)
+	}
+	server.SetServing(health, false)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stopped := make(chan struct{})
+	go func() { grpcServer.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-shutdownCtx.Done():
+		grpcServer.Stop()
+	}
+	httpServer.Shutdown(shutdownCtx)
+	return err
+}
+
+// loadGenerated loads a CA meshid generates itself, creating it on first
+// start through loadOrCreate.
+func loadGenerated(o *options, log *slog.Logger, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*ca.Issuer, error) {
+	m, created, err := loadOrCreate(func() (*keys.Material, error) {
+		return keys.Generate(keys.Options{
+			TrustDomain:     o.td.String(),
+			Algorithm:       o.algorithm,
+			RootTTL:         o.rootTTL,
+			IntermediateTTL: o.intermediateTTL,
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	is, err := m.Issuer(time.Now())
+	if err != nil {
+		return nil, err
+	}
+	msg := "CA loaded"
+	if created {
+		msg = "CA generated"
+	}
+	logIssuer(log, msg, is)
+	return is, nil
+}
+
+func logIssuer(log *slog.Logger, msg string, is *ca.Issuer) {
+	log.Info(msg,
+		"root_fingerprint", ca.Fingerprint(is.Root()), "root_not_after", is.Root().NotAfter.UTC(),
+		"ca_fingerprint", is.Fingerprint(), "ca_not_after", is.Certificate().NotAfter.UTC(),
+		"key", keyDescription(is.Certificate()))
+}
+
+func keyDescription(c *x509.Certificate) string {
+	return c.PublicKeyAlgorithm.String()
+}
+
+func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (T, bool, error)) (T, bool, error) {
+	backoff := 500 * time.Millisecond
+	for {
+		v, ok, err := f()
+		if err == nil {
+			return v, ok, nil
+		}
+		log.Warn(what+" failed; retrying", "error", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return v, false, fmt.Errorf("%s: %w", what, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+func kubeConfig(path string) (*rest.Config, error) {
+	if path != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", path)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig: %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("not in a cluster and no --kubeconfig: %w", err)
+	}
+	return cfg, nil
+}
+
+func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface) (k8sauth.Authenticator, error) {
+	var authn k8sauth.Authenticator
+	switch o.auth {
+	case authTokenReview:
+		authn = &k8sauth.TokenReview{Client: kube.AuthenticationV1(), Audiences: o.audiences}
+	case authJWKS:
+		var ks *k8sauth.KeySet
+		if o.jwksFile != "" {
+			ks = k8sauth.NewFileKeySet(o.jwksFile)
+		} else {
+			client, err := jwksHTTPClient(o.jwksCAFile)
+			if err != nil {
+				return nil, err
+			}
+			ks = k8sauth.NewURLKeySet(o.jwksURL, client)
+		}
+		if err := ks.Load(ctx); err != nil {
+			return nil, err
+		}
+		authn = &k8sauth.JWKS{Issuer: o.tokenIssuer, Audiences: o.audiences, Keys: ks, Leeway: 30 * time.Second}
+	}
+	return k8sauth.NewCache(authn, o.tokenCacheTTL, o.tokenCacheSize, nil), nil
+}
+
+func jwksHTTPClient(caFile string) (*http.Client, error) {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	if caFile != "" {
+		pemData, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--jwks-ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemData) {
+			return nil, fmt.Errorf("--jwks-ca-file: no PEM certificate in %s", caFile)
+		}
+		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return &http.Client{Transport: t, Timeout: 10 * time.Second}, nil
+}

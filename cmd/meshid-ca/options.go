@@ -1,0 +1,223 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/server"
+)
+
+// Where a CA's keys come from.
+const (
+	sourceDir    = "dir"
+	sourceSecret = "secret"
+	sourcePlugin = "plugin"
+
+	authTokenReview = "tokenreview"
+	authJWKS        = "jwks"
+)
+
+// options are meshid-ca's flags. They are validated, and derived values
+// filled in, in one place: complete.
+type options struct {
+	trustDomain string
+	audiences   []string
+	grpcAddr    string
+	httpAddr    string
+	plaintext   bool
+	dnsNames    []string
+	servingTTL  time.Duration
+
+	caSource        string
+	stateDir        string
+	namespace       string
+	secretName      string
+	pluginDir       string
+	pluginPoll      time.Duration
+	keyType         string
+	rootTTL         time.Duration
+	intermediateTTL time.Duration
+
+	defaultTTL time.Duration
+	maxTTL     time.Duration
+
+	auth           string
+	kubeconfig     string
+	jwksFile       string
+	jwksURL        string
+	jwksCAFile     string
+	tokenIssuer    string
+	tokenCacheTTL  time.Duration
+	tokenCacheSize int
+
+	rateLimit       float64
+	rateBurst       int
+	maxMessageBytes int
+	logFormat       string
+	logLevel        string
+
+	// Filled in by complete.
+	td        spiffeid.TrustDomain
+	algorithm keys.Algorithm
+	level     slog.Level
+}
+
+const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+func (o *options) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of issued identities")
+	fs.StringSliceVar(&o.audiences, "audiences", []string{"istio-ca"}, "token audiences accepted; a token for any other audience is refused")
+	fs.StringVar(&o.grpcAddr, "grpc-addr", ":15012", "address of the gRPC certificate service")
+	fs.StringVar(&o.httpAddr, "http-addr", ":15014", "address of /healthz, /readyz and /metrics")
+	fs.BoolVar(&o.plaintext, "plaintext", false, "serve gRPC without TLS (tokens then cross the network in clear; only for tests behind a trusted proxy)")
+	fs.StringSliceVar(&o.dnsNames, "serving-dns-names", nil, "DNS names of the CA's own TLS certificate (default: meshid-ca and its Service names in --namespace, istiod.istio-system.svc, localhost)")
+	fs.DurationVar(&o.servingTTL, "serving-cert-ttl", server.DefaultServingTTL, "lifetime of the CA's own TLS certificate; renewed at half")
+
+	fs.StringVar(&o.caSource, "ca-source", sourceDir, "where the CA key lives: dir (state directory), secret (Kubernetes Secret) or plugin (Istio cacerts files)")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/meshid", "state directory for --ca-source=dir; created with mode 0700")
+	fs.StringVar(&o.namespace, "namespace", "", "the CA's namespace, for --ca-source=secret and the default DNS names (default: the pod's namespace, else meshid-system)")
+	fs.StringVar(&o.secretName, "secret-name", "meshid-ca", "Secret holding the CA for --ca-source=secret")
+	fs.StringVar(&o.pluginDir, "plugin-dir", "/etc/cacerts", "directory with ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem for --ca-source=plugin")
+	fs.DurationVar(&o.pluginPoll, "plugin-poll-interval", 5*time.Second, "how often the plug-in directory is checked for changes")
+	fs.StringVar(&o.keyType, "ca-key-type", string(keys.ECDSAP256), fmt.Sprintf("key type of a generated CA, one of %v", keys.Algorithms))
+	fs.DurationVar(&o.rootTTL, "root-ttl", keys.DefaultRootTTL, "lifetime of a generated root")
+	fs.DurationVar(&o.intermediateTTL, "intermediate-ttl", keys.DefaultIntermediateTTL, "lifetime of a generated signing intermediate")
+
+	fs.DurationVar(&o.defaultTTL, "default-cert-ttl", ca.DefaultTTL, "workload certificate lifetime when the request asks for none")
+	fs.DurationVar(&o.maxTTL, "max-cert-ttl", ca.DefaultMaxTTL, "longest workload certificate lifetime; longer requests are clamped")
+
+	fs.StringVar(&o.auth, "auth", authTokenReview, "how tokens are checked: tokenreview (ask the API server) or jwks (verify offline against the issuer's keys)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for the API server (default: in-cluster config)")
+	fs.StringVar(&o.jwksFile, "jwks-file", "", "JWKS file of the service-account token issuer, for --auth=jwks")
+	fs.StringVar(&o.jwksURL, "jwks-url", "", "JWKS URL of the service-account token issuer, for --auth=jwks")
+	fs.StringVar(&o.jwksCAFile, "jwks-ca-file", "", "PEM roots to verify --jwks-url's TLS certificate (default: system roots)")
+	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "expected iss claim for --auth=jwks (the API server's --service-account-issuer)")
+	fs.DurationVar(&o.tokenCacheTTL, "token-cache-ttl", 30*time.Second, "how long a successful token check is remembered (never past the token's expiry); bounds how late a deleted service account is noticed; 0 disables")
+	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "most token checks remembered")
+
+	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
+	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
+	fs.IntVar(&o.maxMessageBytes, "max-message-bytes", server.DefaultMaxMessageBytes, "largest gRPC request accepted")
+	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+}
+
+// complete validates the flags and derives what the rest of main needs.
+func (o *options) complete() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
+	if err != nil {
+		bad("--trust-domain: %v", err)
+	}
+	o.td = td
+	if len(o.audiences) == 0 {
+		bad("--audiences must name at least one audience")
+	}
+	for _, a := range o.audiences {
+		if strings.TrimSpace(a) == "" {
+			bad("--audiences must not contain an empty audience")
+		}
+	}
+	if o.namespace == "" {
+		o.namespace = "meshid-system"
+		if b, err := os.ReadFile(inClusterNamespaceFile); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+			o.namespace = strings.TrimSpace(string(b))
+		}
+	}
+	if len(o.dnsNames) == 0 {
+		o.dnsNames = []string{
+			"meshid-ca",
+			"meshid-ca." + o.namespace,
+			"meshid-ca." + o.namespace + ".svc",
+			"meshid-ca." + o.namespace + ".svc.cluster.local",
+			"istiod.istio-system.svc",
+			"istiod.istio-system.svc.cluster.local",
+			"localhost",
+		}
+	}
+	if o.servingTTL < time.Minute {
+		bad("--serving-cert-ttl must be at least 1m")
+	}
+
+	switch o.caSource {
+	case sourceDir:
+		if o.stateDir == "" {
+			bad("--state-dir is required with --ca-source=dir")
+		}
+	case sourceSecret:
+		if o.secretName == "" {
+			bad("--secret-name is required with --ca-source=secret")
+		}
+	case sourcePlugin:
+		if o.pluginDir == "" {
+			bad("--plugin-dir is required with --ca-source=plugin")
+		}
+		if o.pluginPoll <= 0 {
+			bad("--plugin-poll-interval must be positive")
+		}
+	default:
+		bad("--ca-source must be dir, secret or plugin, not %q", o.caSource)
+	}
+	if o.algorithm, err = keys.ParseAlgorithm(o.keyType); err != nil {
+		bad("--ca-key-type: %v", err)
+	}
+	if o.rootTTL <= 0 || o.intermediateTTL <= 0 || o.intermediateTTL > o.rootTTL {
+		bad("--root-ttl and --intermediate-ttl must be positive, the intermediate no longer than the root")
+	}
+	if o.defaultTTL <= 0 || o.maxTTL <= 0 || o.defaultTTL > o.maxTTL {
+		bad("--default-cert-ttl and --max-cert-ttl must be positive, the default no longer than the max")
+	}
+
+	switch o.auth {
+	case authTokenReview:
+		if o.jwksFile != "" || o.jwksURL != "" {
+			bad("--jwks-file and --jwks-url need --auth=jwks")
+		}
+	case authJWKS:
+		if (o.jwksFile == "") == (o.jwksURL == "") {
+			bad("--auth=jwks needs exactly one of --jwks-file and --jwks-url")
+		}
+		if o.tokenIssuer == "" {
+			bad("--auth=jwks needs --token-issuer")
+		}
+	default:
+		bad("--auth must be tokenreview or jwks, not %q", o.auth)
+	}
+	if o.tokenCacheTTL < 0 || o.tokenCacheSize < 0 {
+		bad("--token-cache-ttl and --token-cache-size must not be negative")
+	}
+	if o.rateLimit < 0 || (o.rateLimit > 0 && o.rateBurst < 1) {
+		bad("--rate-limit must not be negative, and --rate-burst must be at least 1 when limiting")
+	}
+	if o.maxMessageBytes < 4096 {
+		bad("--max-message-bytes must be at least 4096")
+	}
+	switch o.logFormat {
+	case "json", "text":
+	default:
+		bad("--log-format must be json or text")
+	}
+	if err := o.level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		bad("--log-level: %v", err)
+	}
+	return errors.Join(errs...)
+}
+
+// needsKube says whether the API server must be reached.
+func (o *options) needsKube() bool {
+	return o.caSource == sourceSecret || o.auth == authTokenReview
+}
+
+func (o *options) limit() rate.Limit { return rate.Limit(o.rateLimit) }
