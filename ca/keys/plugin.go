@@ -15,6 +15,8 @@ import (
 type Plugin struct {
 	Dir string
 	Now func() time.Time // nil means time.Now
+
+	loaded [32]byte // digest of what Load loaded, where Watch starts from
 }
 
 // Load reads and checks the directory: the key must match ca-cert.pem and
@@ -24,7 +26,11 @@ func (p *Plugin) Load() (*ca.Issuer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return p.parse(files)
+	is, err := p.parse(files)
+	if err == nil {
+		p.loaded = digest(files)
+	}
+	return is, err
 }
 
 func (p *Plugin) parse(files map[string][]byte) (*ca.Issuer, error) {
@@ -42,20 +48,14 @@ func (p *Plugin) now() time.Time {
 	return time.Now()
 }
 
-// Watch polls the directory every interval and, when its content changes,
-// loads it and makes it current in src. Content that does not load is
+// Watch polls the directory every interval and, when its content differs
+// from what Load last loaded, loads it and makes it current in src. Content that does not load is
 // reported through onError once and the current issuer keeps signing:
 // replacing files one at a time passes through such states. Polling, rather
 // than inotify, follows the symlink swaps of mounted Secrets and needs no
 // dependency; four small files a few seconds apart cost nothing.
 func (p *Plugin) Watch(ctx context.Context, src *Source, interval time.Duration, log *slog.Logger, onResult func(error)) {
-	cur := src.Issuer()
-	var applied, failed [32]byte
-	if cur != nil {
-		if files, err := readFiles(p.Dir); err == nil {
-			applied = digest(files)
-		}
-	}
+	applied, failed := p.loaded, [32]byte{}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
