@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
@@ -150,9 +151,19 @@ func run(ctx context.Context, o *options) error {
 		}
 		return nil
 	}
+	handler := server.NewHTTPHandler(reg, ready)
+	if o.profiling {
+		mux := http.NewServeMux()
+		mux.Handle("/", handler)
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		handler = mux
+	}
 	httpServer := &http.Server{
 		Addr:              o.httpAddr,
-		Handler:           server.NewHTTPHandler(reg, ready),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 

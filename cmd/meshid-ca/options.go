@@ -65,6 +65,7 @@ type options struct {
 	maxMessageBytes int
 	logFormat       string
 	logLevel        string
+	profiling       bool
 
 	// Filled in by complete.
 	td        spiffeid.TrustDomain
@@ -108,6 +109,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
 	fs.IntVar(&o.maxMessageBytes, "max-message-bytes", server.DefaultMaxMessageBytes, "largest gRPC request accepted")
+	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's pprof profiles under /debug/pprof/ on --http-addr")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 }
