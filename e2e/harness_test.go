@@ -1,0 +1,287 @@
+// Package e2e runs the meshid binaries as processes against real parts: a
+// kube-apiserver, Istio's agent, go-spiffe.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/internal/satoken"
+)
+
+// binDir holds the binaries TestMain builds from this checkout.
+var binDir string
+
+func TestMain(m *testing.M) {
+	os.Exit(buildAndRun(m))
+}
+
+func buildAndRun(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "meshid-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: building the binaries:", err)
+		return 1
+	}
+	binDir = dir
+	return m.Run()
+}
+
+// caProcess is a running meshid-ca.
+type caProcess struct {
+	GRPCAddr string
+	HTTPAddr string
+
+	cmd    *exec.Cmd
+	exited chan struct{}
+	log    *lockedBuffer
+	addrs  chan [2]string
+}
+
+// startCA runs meshid-ca with args plus free loopback ports and JSON logs,
+// waits until it listens, and stops it when t ends.
+func startCA(t *testing.T, args ...string) *caProcess {
+	t.Helper()
+	p := launchCA(t, args...)
+	p.WaitServing(t)
+	return p
+}
+
+// launchCA starts meshid-ca like startCA but returns at once; call
+// WaitServing before using its addresses.
+func launchCA(t *testing.T, args ...string) *caProcess {
+	t.Helper()
+	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
+	cmd := exec.Command(filepath.Join(binDir, "meshid-ca"), args...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &caProcess{cmd: cmd, exited: make(chan struct{}), log: &lockedBuffer{}, addrs: make(chan [2]string, 1)}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			line := sc.Bytes()
+			p.log.Write(append(line, '\n'))
+			var rec struct {
+				Msg      string `json:"msg"`
+				GRPCAddr string `json:"grpc_addr"`
+				HTTPAddr string `json:"http_addr"`
+			}
+			if json.Unmarshal(line, &rec) == nil && rec.Msg == "meshid-ca serving" {
+				p.addrs <- [2]string{rec.GRPCAddr, rec.HTTPAddr}
+			}
+		}
+		io.Copy(io.Discard, stderr)
+	}()
+	go func() { cmd.Wait(); close(p.exited) }()
+	t.Cleanup(func() {
+		p.Stop(t)
+		if t.Failed() {
+			t.Logf("meshid-ca %v log:\n%s", args, p.log.String())
+		}
+	})
+	return p
+}
+
+// WaitServing waits until the process listens and learns its addresses.
+func (p *caProcess) WaitServing(t *testing.T) {
+	t.Helper()
+	select {
+	case a := <-p.addrs:
+		p.GRPCAddr, p.HTTPAddr = a[0], a[1]
+	case <-p.exited:
+		t.Fatalf("meshid-ca exited before serving: %v\n%s", p.cmd.ProcessState, p.log.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("meshid-ca not serving after 60s:\n%s", p.log.String())
+	}
+}
+
+// Stop sends SIGTERM and waits for the process to exit.
+func (p *caProcess) Stop(t *testing.T) {
+	t.Helper()
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(20 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exited
+		t.Errorf("meshid-ca did not stop within 20s of SIGTERM")
+	}
+}
+
+// WaitReady waits until /readyz answers 200.
+func (p *caProcess) WaitReady(t *testing.T, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		resp, err := http.Get("http://" + p.HTTPAddr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("meshid-ca not ready after %s (last: %v)\n%s", within, err, p.log.String())
+		}
+		select {
+		case <-p.exited:
+			t.Fatalf("meshid-ca exited: %s", p.log.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Metrics returns the /metrics text.
+func (p *caProcess) Metrics(t *testing.T) string {
+	t.Helper()
+	resp, err := http.Get("http://" + p.HTTPAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// Client dials the CA over TLS, trusting roots.
+func (p *caProcess) Client(t *testing.T, roots []*x509.Certificate) *agent.CAClient {
+	t.Helper()
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	conn, err := agent.DialCA(p.GRPCAddr, pool, "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return agent.NewCAClient(conn, "Kubernetes")
+}
+
+// Log returns everything the process wrote so far.
+func (p *caProcess) Log() string { return p.log.String() }
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// readRoots reads a PEM bundle.
+func readRoots(t *testing.T, path string) []*x509.Certificate {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs, err := ca.ParseCertificatesPEM(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return certs
+}
+
+var (
+	keyOnce     sync.Once
+	workloadKey crypto.Signer
+)
+
+// sign asks for a certificate naming id with a P-256 key.
+func sign(ctx context.Context, c *agent.CAClient, id spiffeid.ID, token string) ([]*x509.Certificate, error) {
+	keyOnce.Do(func() {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			panic(err)
+		}
+		workloadKey = k
+	})
+	csrPEM, err := agent.NewCSR(workloadKey, id)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return c.Sign(ctx, csrPEM, token, time.Hour)
+}
+
+// LogRecords returns the JSON log records whose msg is msg, in order.
+func (p *caProcess) LogRecords(msg string) []map[string]any {
+	var recs []map[string]any
+	for _, line := range bytes.Split([]byte(p.Log()), []byte("\n")) {
+		var rec map[string]any
+		if json.Unmarshal(line, &rec) == nil && rec["msg"] == msg {
+			recs = append(recs, rec)
+		}
+	}
+	return recs
+}
+
+// jwksCAArgs makes a local service-account token issuer, writes its JWKS
+// into dir and returns it with the meshid-ca arguments of the embedded
+// default (--ca-source=dir on stateDir, --auth=jwks against that JWKS).
+func jwksCAArgs(t *testing.T, dir, stateDir string) (*satoken.Issuer, []string) {
+	t.Helper()
+	const issuerURL = "https://meshid-e2e.local"
+	issuer, err := satoken.New(issuerURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwks := filepath.Join(dir, "jwks.json")
+	if err := os.WriteFile(jwks, issuer.JWKS(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return issuer, []string{"--ca-source=dir", "--state-dir=" + stateDir,
+		"--auth=jwks", "--jwks-file=" + jwks, "--token-issuer=" + issuerURL}
+}
