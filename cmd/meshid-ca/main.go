@@ -140,7 +140,9 @@ func run(ctx context.Context, o *options) error {
 
 	var tlsConfig *tls.Config
 	serving := &server.ServingCertificate{Authority: authority, Issuers: &issuers, DNSNames: o.dnsNames, TTL: o.servingTTL}
-	if !o.plaintext {
+	if o.plaintext {
+		log.Warn("--plaintext: gRPC without TLS; service-account tokens cross the network in clear")
+	} else {
 		tlsConfig = server.TLSConfig(serving)
 	}
 	grpcServer, health := server.NewGRPCServer(svc, tlsConfig, o.maxMessageBytes)

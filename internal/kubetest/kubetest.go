@@ -66,9 +66,12 @@ func Assets() string {
 }
 
 // RequireAssets skips (or, with MESHID_REQUIRE_KUBE=1, fails) t when no
-// control-plane binaries are available.
+// control-plane binaries are available, and skips it under -short.
 func RequireAssets(t testing.TB) string {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: no kube-apiserver")
+	}
 	dir := Assets()
 	if dir == "" {
 		msg := "no kube-apiserver/etcd: set KUBEBUILDER_ASSETS or run hack/kube-assets.sh (make test does)"
