@@ -225,4 +225,3 @@ func loadedRoot(t *testing.T, p *caProcess) (fingerprint, msg string) {
 	t.Fatalf("no CA load line in the log:\n%s", p.Log())
 	return "", ""
 }
-
