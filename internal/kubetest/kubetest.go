@@ -44,17 +44,9 @@ func Assets() string {
 	if dir := os.Getenv("KUBEBUILDER_ASSETS"); dir != "" {
 		return dir
 	}
-	cache := os.Getenv("MESHID_CACHE_DIR")
+	cache := CacheDir()
 	if cache == "" {
-		base := os.Getenv("XDG_CACHE_HOME")
-		if base == "" {
-			home, err := os.UserHomeDir()
-			if err != nil {
-				return ""
-			}
-			base = filepath.Join(home, ".cache")
-		}
-		cache = filepath.Join(base, "meshid")
+		return ""
 	}
 	dir := filepath.Join(cache, "kube-assets", kubeVersion)
 	for _, bin := range []string{"kube-apiserver", "etcd"} {
@@ -63,6 +55,23 @@ func Assets() string {
 		}
 	}
 	return dir
+}
+
+// CacheDir is where the hack/ scripts cache the real parts they build:
+// $MESHID_CACHE_DIR, else $XDG_CACHE_HOME/meshid, else ~/.cache/meshid.
+func CacheDir() string {
+	if dir := os.Getenv("MESHID_CACHE_DIR"); dir != "" {
+		return dir
+	}
+	base := os.Getenv("XDG_CACHE_HOME")
+	if base == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return ""
+		}
+		base = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(base, "meshid")
 }
 
 // RequireAssets skips (or, with MESHID_REQUIRE_KUBE=1, fails) t when no
