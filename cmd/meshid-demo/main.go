@@ -168,12 +168,16 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string) error {
 
 	step("the same pod asks for spiffe://cluster.local/ns/demo/sa/admin")
 	_, err = sign(ctx, client, key, spiffeid.RequireFromPath(td, "/ns/demo/sa/admin"), token, time.Hour)
-	refused(err)
+	if err := refused(err); err != nil {
+		return err
+	}
 
 	step("a token minted for another audience (the API server's)")
 	wrongAud, _ := issuer.Token(satoken.Claims{Namespace: "demo", ServiceAccount: "web", Audiences: []string{"https://kubernetes.default.svc"}})
 	_, err = sign(ctx, client, key, id, wrongAud, time.Hour)
-	refused(err)
+	if err := refused(err); err != nil {
+		return err
+	}
 
 	step("a request for 30 days is clamped to the 24h maximum")
 	chain, err = sign(ctx, client, key, id, token, 30*24*time.Hour)
@@ -194,13 +198,15 @@ func sign(ctx context.Context, client *agent.CAClient, key crypto.Signer, id spi
 	return client.Sign(ctx, csrPEM, token, ttl)
 }
 
-func refused(err error) {
+// refused reports a refusal, and fails the demo if the request was granted.
+func refused(err error) error {
 	if err == nil {
 		info("UNEXPECTED: issued")
-		return
+		return errors.New("a request that must be refused was granted")
 	}
 	st := status.Convert(err)
 	info("refused: %s: %s", st.Code(), st.Message())
+	return nil
 }
 
 func waitReady(ctx context.Context, url string, exited <-chan error) error {

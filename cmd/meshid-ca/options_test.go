@@ -1,0 +1,82 @@
+package main
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+)
+
+func parse(t *testing.T, args ...string) (*options, error) {
+	t.Helper()
+	var o options
+	fs := pflag.NewFlagSet("meshid-ca", pflag.ContinueOnError)
+	o.addFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatalf("parse %v: %v", args, err)
+	}
+	return &o, o.complete()
+}
+
+func TestOptionsDefaults(t *testing.T) {
+	o, err := parse(t)
+	if err != nil {
+		t.Fatalf("defaults refused: %v", err)
+	}
+	if o.td.String() != "cluster.local" || o.audiences[0] != "istio-ca" || o.grpcAddr != ":15012" || o.httpAddr != ":15014" {
+		t.Errorf("defaults: td %s, audiences %v, addrs %s %s", o.td, o.audiences, o.grpcAddr, o.httpAddr)
+	}
+	if o.defaultTTL.String() != "1h0m0s" || o.maxTTL.String() != "24h0m0s" || o.algorithm != "ecdsa-p256" {
+		t.Errorf("defaults: ttl %s max %s key %s", o.defaultTTL, o.maxTTL, o.algorithm)
+	}
+	want := []string{"meshid-ca." + o.namespace + ".svc", "istiod.istio-system.svc", "localhost"}
+	for _, name := range want {
+		found := false
+		for _, n := range o.dnsNames {
+			found = found || n == name
+		}
+		if !found {
+			t.Errorf("default serving names %v lack %s", o.dnsNames, name)
+		}
+	}
+}
+
+// TestOptionsRefused: every bad flag is named in one error that lists them
+// all, so an operator fixes the configuration in one go.
+func TestOptionsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--trust-domain=Not A Domain"}, "--trust-domain"},
+		{[]string{"--audiences="}, "--audiences"},
+		{[]string{"--ca-source=vault"}, `--ca-source must be dir, secret or plugin, not "vault"`},
+		{[]string{"--state-dir="}, "--state-dir is required"},
+		{[]string{"--ca-source=plugin", "--plugin-dir="}, "--plugin-dir is required"},
+		{[]string{"--ca-key-type=dsa"}, "--ca-key-type"},
+		{[]string{"--root-ttl=1h", "--intermediate-ttl=2h"}, "the intermediate no longer than the root"},
+		{[]string{"--default-cert-ttl=48h"}, "the default no longer than the max"},
+		{[]string{"--max-cert-ttl=0s"}, "--max-cert-ttl must be positive"},
+		{[]string{"--auth=oidc"}, `--auth must be tokenreview or jwks, not "oidc"`},
+		{[]string{"--auth=jwks", "--token-issuer=https://x"}, "exactly one of --jwks-file and --jwks-url"},
+		{[]string{"--auth=jwks", "--jwks-file=a", "--jwks-url=https://b", "--token-issuer=https://x"}, "exactly one of --jwks-file and --jwks-url"},
+		{[]string{"--auth=jwks", "--jwks-file=a"}, "--auth=jwks needs --token-issuer"},
+		{[]string{"--jwks-file=a"}, "--jwks-file and --jwks-url need --auth=jwks"},
+		{[]string{"--rate-limit=-1"}, "--rate-limit must not be negative"},
+		{[]string{"--rate-burst=0"}, "--rate-burst must be at least 1"},
+		{[]string{"--max-message-bytes=100"}, "--max-message-bytes must be at least 4096"},
+		{[]string{"--log-format=xml"}, "--log-format"},
+		{[]string{"--log-level=loud"}, "--log-level"},
+		{[]string{"--gc-percent=0"}, "--gc-percent must be positive"},
+		{[]string{"--serving-cert-ttl=1s"}, "--serving-cert-ttl must be at least 1m"},
+	} {
+		_, err := parse(t, tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: error %v, want it to say %q", tc.args, err, tc.want)
+		}
+	}
+	_, err := parse(t, "--log-format=xml", "--rate-limit=-1")
+	if err == nil || !strings.Contains(err.Error(), "--log-format") || !strings.Contains(err.Error(), "--rate-limit") {
+		t.Errorf("two bad flags: %v, want both named", err)
+	}
+}

@@ -1,0 +1,56 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDemo runs the README's first command's program twice on one directory:
+// it must issue, verify and refuse as it says, and reuse its root.
+func TestDemo(t *testing.T) {
+	dir := t.TempDir()
+	run := func() string {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", dir,
+			fmt.Sprintf("--grpc-addr=127.0.0.1:%d", freeTCPPort(t)),
+			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)))
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("meshid-demo: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	first := run()
+	for _, want := range []string{
+		"verified by go-spiffe's x509svid.Verify: spiffe://cluster.local/ns/demo/sa/web",
+		"refused: PermissionDenied",
+		"refused: Unauthenticated",
+		"24h0m0s from now",
+		"stopped",
+	} {
+		if !strings.Contains(first, want) {
+			t.Errorf("demo output lacks %q:\n%s", want, first)
+		}
+	}
+	if strings.Contains(first, "UNEXPECTED") {
+		t.Errorf("demo reports an unexpected result:\n%s", first)
+	}
+	rootLine := func(out string) string {
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "SHA-256") {
+				return l[strings.Index(l, "root "):]
+			}
+		}
+		t.Fatalf("no root line in:\n%s", out)
+		return ""
+	}
+	if a, b := rootLine(first), rootLine(run()); a != b {
+		t.Errorf("second run has another root: %q, then %q", a, b)
+	}
+}
