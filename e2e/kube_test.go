@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -27,7 +26,7 @@ var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 // issuedCount counts the issuance log lines of a CA process: refusals must
 // not add any.
 func issuedCount(p *caProcess) int {
-	return strings.Count(p.Log(), `"msg":"certificate issued"`)
+	return len(p.LogRecords("certificate issued"))
 }
 
 // TestKubeTokenReview drives meshid-ca in TokenReview mode against a real
@@ -213,13 +212,10 @@ func TestKubeSecretReplicasConverge(t *testing.T) {
 // keys, and whether it generated or loaded them.
 func loadedRoot(t *testing.T, p *caProcess) (fingerprint, msg string) {
 	t.Helper()
-	for _, line := range strings.Split(p.Log(), "\n") {
-		var rec struct {
-			Msg  string `json:"msg"`
-			Root string `json:"root_fingerprint"`
-		}
-		if json.Unmarshal([]byte(line), &rec) == nil && (rec.Msg == "CA generated" || rec.Msg == "CA loaded") {
-			return rec.Root, rec.Msg
+	for _, msg := range []string{"CA generated", "CA loaded"} {
+		if recs := p.LogRecords(msg); len(recs) > 0 {
+			fp, _ := recs[0]["root_fingerprint"].(string)
+			return fp, msg
 		}
 	}
 	t.Fatalf("no CA load line in the log:\n%s", p.Log())
