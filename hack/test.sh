@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of meshid, as CI does: builds the real kube-apiserver, etcd
 # and Istio's pilot-agent from the Go module proxy when they are not cached
-# (cold: about 15 minutes; warm: seconds), then vet, the unit and end-to-end
+# (cold: about 17 minutes; warm: seconds), then vet, the unit and end-to-end
 # tests with the race detector, and each fuzz target for FUZZTIME (default 5s).
 #
 # Real parts are required here: a test that cannot find them fails instead of
