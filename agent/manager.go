@@ -1,0 +1,462 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	mathrand "math/rand/v2"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Signer is the CA as the agent sees it; *CAClient is one.
+type Signer interface {
+	Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error)
+}
+
+// TokenSource gives a workload's current service-account token. It is asked
+// afresh for every request, since kubelet rotates projected tokens.
+type TokenSource interface {
+	Token() (string, error)
+}
+
+// TokenFile reads the token from a file (a projected token mount).
+type TokenFile string
+
+// Token reads the file.
+func (f TokenFile) Token() (string, error) {
+	b, err := os.ReadFile(string(f))
+	if err != nil {
+		return "", fmt.Errorf("agent: reading token: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("agent: token file %s is empty", string(f))
+	}
+	return tok, nil
+}
+
+// StaticToken is a token known in advance, as one an SDS stream presents.
+type StaticToken string
+
+// Token returns the token.
+func (t StaticToken) Token() (string, error) { return string(t), nil }
+
+// KeyType is the workload key algorithm.
+type KeyType string
+
+// Workload key types.
+const (
+	ECDSAP256 KeyType = "ecdsa-p256"
+	RSA2048   KeyType = "rsa-2048"
+)
+
+// NewKey makes a private key of type kt. Keys are made on the node and never
+// leave it: only CSRs do.
+func NewKey(kt KeyType) (crypto.Signer, error) {
+	switch kt {
+	case ECDSAP256:
+		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case RSA2048:
+		return rsa.GenerateKey(rand.Reader, 2048)
+	}
+	return nil, fmt.Errorf("agent: unknown key type %q (want %s or %s)", kt, ECDSAP256, RSA2048)
+}
+
+// SVID is a workload's certificate with its key.
+type SVID struct {
+	ID           spiffeid.ID
+	Certificates []*x509.Certificate // leaf first, then intermediates; no root
+	PrivateKey   crypto.Signer
+	Root         *x509.Certificate // the root the CA answered with
+}
+
+// Leaf is the workload's own certificate.
+func (s *SVID) Leaf() *x509.Certificate { return s.Certificates[0] }
+
+// Observer hears about every CA exchange, for metrics.
+type Observer interface {
+	Issued(id spiffeid.ID, svid *SVID, took time.Duration)
+	Failed(id spiffeid.ID, err error, took time.Duration)
+}
+
+// Config configures a Manager.
+type Config struct {
+	Signer   Signer
+	KeyType  KeyType       // default ECDSAP256
+	TTL      time.Duration // asked of the CA; 0 lets the CA choose
+	Rotation Rotation      // default DefaultRotation
+	Backoff  Backoff       // default DefaultBackoff
+	// RequestTimeout bounds one CA request (default 10s).
+	RequestTimeout time.Duration
+	// Rand returns numbers in [0, 1) for jitter (default math/rand/v2).
+	Rand     func() float64
+	Log      *slog.Logger
+	Observer Observer
+}
+
+// Manager keeps one certificate per identity in use, renewing it at its
+// rotation time and retrying failures with backoff, while the current
+// certificate keeps being served until it expires.
+type Manager struct {
+	cfg     Config
+	ctx     context.Context
+	stop    context.CancelFunc
+	mu      sync.Mutex
+	entries map[spiffeid.ID]*entry
+	wg      sync.WaitGroup
+}
+
+// NewManager checks cfg and fills in its defaults.
+func NewManager(cfg Config) (*Manager, error) {
+	if cfg.Signer == nil {
+		return nil, errors.New("agent: Config.Signer is required")
+	}
+	kt, err := ParseKeyType(string(cfg.KeyType))
+	if err != nil {
+		return nil, err
+	}
+	cfg.KeyType = kt
+	if cfg.TTL < 0 {
+		return nil, errors.New("agent: TTL must not be negative")
+	}
+	if cfg.Rotation == (Rotation{}) {
+		cfg.Rotation = DefaultRotation
+	}
+	if err := cfg.Rotation.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Backoff == (Backoff{}) {
+		cfg.Backoff = DefaultBackoff
+	}
+	if cfg.Backoff.Initial <= 0 || cfg.Backoff.Max < cfg.Backoff.Initial {
+		return nil, errors.New("agent: backoff needs 0 < Initial <= Max")
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = 10 * time.Second
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = mathrand.Float64
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	return &Manager{cfg: cfg, ctx: ctx, stop: stop, entries: map[spiffeid.ID]*entry{}}, nil
+}
+
+// ParseKeyType accepts "ecdsa-p256" (also the default for "") and "rsa-2048".
+func ParseKeyType(s string) (KeyType, error) {
+	switch kt := KeyType(s); kt {
+	case "":
+		return ECDSAP256, nil
+	case ECDSAP256, RSA2048:
+		return kt, nil
+	}
+	return "", fmt.Errorf("agent: unknown key type %q (want %s or %s)", s, ECDSAP256, RSA2048)
+}
+
+// Acquire returns a handle on id's certificate, starting to fetch it if no
+// one holds id yet. tokens proves id to the CA; the latest tokens given for
+// an identity are used for its next requests. Release the handle when done:
+// an identity no one holds is forgotten.
+func (m *Manager) Acquire(id spiffeid.ID, tokens TokenSource) *Handle {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.entries[id]
+	if e == nil {
+		ctx, cancel := context.WithCancel(m.ctx)
+		e = &entry{m: m, id: id, changed: make(chan struct{}), cancel: cancel, wake: make(chan struct{}, 1)}
+		m.entries[id] = e
+		m.wg.Go(func() { e.run(ctx) })
+	}
+	e.refs++
+	e.setTokens(tokens)
+	return &Handle{e: e}
+}
+
+// Identities lists the identities held now.
+func (m *Manager) Identities() []spiffeid.ID {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ids := make([]spiffeid.ID, 0, len(m.entries))
+	for id := range m.entries {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// Close stops every renewal loop and waits for them.
+func (m *Manager) Close() {
+	m.stop()
+	m.wg.Wait()
+}
+
+func (m *Manager) release(e *entry) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e.refs--
+	if e.refs == 0 {
+		delete(m.entries, e.id)
+		e.cancel()
+	}
+}
+
+// Handle is one holder's view of an identity's certificate.
+type Handle struct {
+	e    *entry
+	once sync.Once
+}
+
+// ID is the identity held.
+func (h *Handle) ID() spiffeid.ID { return h.e.id }
+
+// SVID is the current certificate, or nil while there is none (before the
+// first answer, or once the last one expired without renewal).
+func (h *Handle) SVID() *SVID {
+	svid, _ := h.e.current()
+	return svid
+}
+
+// Changed is closed at the next change of SVID; then call it again.
+func (h *Handle) Changed() <-chan struct{} {
+	_, ch := h.e.current()
+	return ch
+}
+
+// Wait returns the current certificate, waiting for the first one.
+func (h *Handle) Wait(ctx context.Context) (*SVID, error) {
+	for {
+		svid, ch := h.e.current()
+		if svid != nil {
+			return svid, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			if err := h.e.lastError(); err != nil {
+				return nil, fmt.Errorf("agent: no certificate for %s yet: %w (last CA error: %v)", h.e.id, ctx.Err(), err)
+			}
+			return nil, fmt.Errorf("agent: no certificate for %s yet: %w", h.e.id, ctx.Err())
+		}
+	}
+}
+
+// SetTokens replaces the token source used for the identity's next requests.
+func (h *Handle) SetTokens(tokens TokenSource) { h.e.setTokens(tokens) }
+
+// Release gives the handle up; calling it more than once is harmless.
+func (h *Handle) Release() { h.once.Do(func() { h.e.m.release(h.e) }) }
+
+// entry is one identity's certificate and its renewal loop.
+type entry struct {
+	m      *Manager
+	id     spiffeid.ID
+	cancel context.CancelFunc
+	wake   chan struct{} // a new token source arrived while failing: retry now
+
+	mu      sync.Mutex
+	refs    int // guarded by m.mu
+	tokens  TokenSource
+	svid    *SVID
+	changed chan struct{}
+	lastErr error
+}
+
+func (e *entry) current() (*SVID, <-chan struct{}) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.svid, e.changed
+}
+
+func (e *entry) lastError() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.lastErr
+}
+
+func (e *entry) setTokens(t TokenSource) {
+	e.mu.Lock()
+	e.tokens = t
+	failing := e.lastErr != nil
+	e.mu.Unlock()
+	if failing {
+		select {
+		case e.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// serve makes svid the current certificate and tells every holder.
+func (e *entry) serve(svid *SVID) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.lastErr = nil
+	e.svid = svid
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// fail records a failed request; the current certificate stays.
+func (e *entry) fail(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.lastErr = err
+}
+
+// drop stops serving an expired certificate and tells every holder.
+func (e *entry) drop() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.svid = nil
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// run fetches the certificate, then renews it at its rotation time; on
+// failure it retries with backoff, keeps the current certificate until it
+// expires, and drops it then.
+func (e *entry) run(ctx context.Context) {
+	cfg := &e.m.cfg
+	attempt := 0
+	for {
+		start := time.Now()
+		svid, err := e.fetch(ctx)
+		took := time.Since(start)
+		if ctx.Err() != nil {
+			return
+		}
+		var next time.Time
+		if err == nil {
+			attempt = 0
+			e.serve(svid)
+			leaf := svid.Leaf()
+			// Count the lifetime from when it arrived: the CA backdates
+			// NotBefore for clock skew, which must not pull renewal earlier.
+			from := leaf.NotBefore
+			if start.After(from) {
+				from = start
+			}
+			next = cfg.Rotation.RenewAt(from, leaf.NotAfter, cfg.Rand())
+			if earliest := start.Add(cfg.Backoff.Initial); next.Before(earliest) {
+				next = earliest // a CA answering with nearly expired certificates must not make us spin
+			}
+			cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", leaf.SerialNumber),
+				"not_after", leaf.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
+			if cfg.Observer != nil {
+				cfg.Observer.Issued(e.id, svid, took)
+			}
+		} else {
+			delay := cfg.Backoff.Delay(attempt, cfg.Rand())
+			attempt++
+			next = time.Now().Add(delay)
+			e.fail(err)
+			cfg.Log.Warn("certificate request failed; retrying", "spiffe_id", e.id.String(), "error", err, "attempt", attempt, "retry_in", delay)
+			if cfg.Observer != nil {
+				cfg.Observer.Failed(e.id, err, took)
+			}
+		}
+		if !e.sleep(ctx, next) {
+			return
+		}
+	}
+}
+
+func (e *entry) currentSVID() *SVID {
+	svid, _ := e.current()
+	return svid
+}
+
+// sleep waits until next, dropping the current certificate if it expires
+// first. It returns false when ctx ends.
+func (e *entry) sleep(ctx context.Context, next time.Time) bool {
+	for {
+		wait := time.Until(next)
+		svid := e.currentSVID()
+		expiring := svid != nil && svid.Leaf().NotAfter.Before(next)
+		if expiring {
+			wait = time.Until(svid.Leaf().NotAfter)
+		}
+		t := time.NewTimer(max(wait, 0))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		case <-e.wake:
+			t.Stop()
+			return true
+		case <-t.C:
+		}
+		if !expiring {
+			return true
+		}
+		e.m.cfg.Log.Error("certificate expired before it could be renewed; serving none", "spiffe_id", e.id.String(), "not_after", svid.Leaf().NotAfter.UTC())
+		e.drop()
+	}
+}
+
+// fetch makes a key and a CSR and asks the CA.
+func (e *entry) fetch(ctx context.Context) (*SVID, error) {
+	cfg := &e.m.cfg
+	e.mu.Lock()
+	tokens := e.tokens
+	e.mu.Unlock()
+	token, err := tokens.Token()
+	if err != nil {
+		return nil, err
+	}
+	key, err := NewKey(cfg.KeyType)
+	if err != nil {
+		return nil, err
+	}
+	csrPEM, err := NewCSR(key, e.id)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
+	defer cancel()
+	chain, err := cfg.Signer.Sign(ctx, csrPEM, token, cfg.TTL)
+	if err != nil {
+		return nil, fmt.Errorf("agent: CA refused or failed: %w", err)
+	}
+	return checkSVID(e.id, key, chain)
+}
+
+// checkSVID makes sure the CA answered with a certificate for id and key,
+// chained to the root it sent, before anyone is served it.
+func checkSVID(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*SVID, error) {
+	if len(chain) < 2 {
+		return nil, errors.New("agent: CA returned fewer than 2 certificates")
+	}
+	leaf := chain[0]
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
+		return nil, fmt.Errorf("agent: CA returned a certificate for %v, want %s", leaf.URIs, id)
+	}
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !pub.Equal(leaf.PublicKey) {
+		return nil, errors.New("agent: CA returned a certificate for another key")
+	}
+	root := chain[len(chain)-1]
+	roots := x509.NewCertPool()
+	roots.AddCert(root)
+	inter := x509.NewCertPool()
+	for _, c := range chain[1 : len(chain)-1] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, fmt.Errorf("agent: CA's chain does not verify: %w", err)
+	}
+	return &SVID{ID: id, Certificates: chain[:len(chain)-1], PrivateKey: key, Root: root}, nil
+}

@@ -1,0 +1,294 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/csr"
+	"github.com/meshid/meshid/ca/keys"
+)
+
+// testCA is meshid's real signing path in process: the token is taken to be
+// the caller's SPIFFE ID (authentication is not what these tests are about).
+type testCA struct {
+	authority *ca.Authority
+	mu        sync.Mutex
+	down      bool
+	calls     int
+}
+
+func newTestCA(t *testing.T) *testCA {
+	t.Helper()
+	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local", Algorithm: keys.ECDSAP256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	is, err := m.Issuer(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var src keys.Source
+	src.Set(is)
+	a, err := ca.New(ca.Config{Issuers: &src, DefaultTTL: time.Hour, MaxTTL: 24 * time.Hour, Backdate: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testCA{authority: a}
+}
+
+func (c *testCA) setDown(down bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.down = down
+}
+
+func (c *testCA) callCount() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.calls
+}
+
+func (c *testCA) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error) {
+	c.mu.Lock()
+	c.calls++
+	down := c.down
+	c.mu.Unlock()
+	if down {
+		return nil, status.Error(codes.Unavailable, "ca down")
+	}
+	id, err := spiffeid.FromString(token)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, "bad token")
+	}
+	pub, err := csr.Validate(csrPEM, id)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
+	if err != nil {
+		return nil, err
+	}
+	return ParseChain(cert.ChainPEM)
+}
+
+var web = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
+
+func newManager(t *testing.T, signer Signer) *Manager {
+	t.Helper()
+	m, err := NewManager(Config{
+		Signer:  signer,
+		TTL:     time.Hour,
+		Backoff: Backoff{Initial: time.Second, Max: 2 * time.Minute},
+		Rand:    func() float64 { return 0.5 }, // no jitter: exact times
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	return m
+}
+
+func TestManagerRotatesAtHalfLife(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCA(t)
+		m := newManager(t, c)
+		h := m.Acquire(web, StaticToken(web.String()))
+		defer h.Release()
+		first, err := h.Wait(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first.ID != web || first.Leaf().URIs[0].String() != web.String() {
+			t.Fatalf("SVID for %s", first.Leaf().URIs)
+		}
+		start := time.Now()
+		<-h.Changed()
+		second := h.SVID()
+		if took := time.Since(start); took != 30*time.Minute {
+			t.Errorf("renewed after %s, want 30m (half of 1h)", took)
+		}
+		if second.Leaf().SerialNumber.Cmp(first.Leaf().SerialNumber) == 0 {
+			t.Error("same serial after rotation")
+		}
+		if second.PrivateKey.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(first.PrivateKey.Public()) {
+			t.Error("rotation kept the old key")
+		}
+		if n := c.callCount(); n != 2 {
+			t.Errorf("%d CA calls, want 2", n)
+		}
+	})
+}
+
+func TestManagerKeepsServingThroughOutage(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCA(t)
+		m := newManager(t, c)
+		h := m.Acquire(web, StaticToken(web.String()))
+		defer h.Release()
+		first, err := h.Wait(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.setDown(true)
+		// Past the rotation point, the CA failing: the first certificate is
+		// still served and requests keep coming, spaced by backoff.
+		time.Sleep(50 * time.Minute)
+		if h.SVID() != first {
+			t.Fatal("certificate replaced or dropped while the CA was down")
+		}
+		calls := c.callCount()
+		// 20 minutes of failures with backoff capped at 2 minutes: about
+		// 1+1+2+4+...+64s then every 1-2 minutes.
+		if calls < 10 || calls > 30 {
+			t.Errorf("%d CA calls in 20 minutes of outage, want backoff between 1s and 2m", calls)
+		}
+		if got := status.Code(h.e.lastError()); got != codes.Unavailable {
+			t.Errorf("last error %v, want the CA's Unavailable", h.e.lastError())
+		}
+		c.setDown(false)
+		select {
+		case <-h.Changed():
+		case <-time.After(2 * time.Minute):
+			t.Fatal("not renewed within the 2m backoff cap after the CA came back")
+		}
+		if got := h.SVID(); got == first || got == nil {
+			t.Fatal("no new certificate after recovery")
+		}
+	})
+}
+
+func TestManagerDropsExpiredCertificate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCA(t)
+		m := newManager(t, c)
+		h := m.Acquire(web, StaticToken(web.String()))
+		defer h.Release()
+		first, err := h.Wait(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.setDown(true)
+		time.Sleep(time.Until(first.Leaf().NotAfter) - time.Second)
+		if h.SVID() != first {
+			t.Fatal("dropped before expiry")
+		}
+		time.Sleep(2 * time.Second)
+		if h.SVID() != nil {
+			t.Fatal("an expired certificate is still served")
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		defer cancel()
+		if _, err := h.Wait(ctx); err == nil {
+			t.Fatal("Wait returned with the CA down")
+		}
+	})
+}
+
+func TestManagerSharesAndForgetsIdentities(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCA(t)
+		m := newManager(t, c)
+		a := m.Acquire(web, StaticToken(web.String()))
+		b := m.Acquire(web, StaticToken(web.String()))
+		sa, err := a.Wait(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb, _ := b.Wait(t.Context())
+		if sa != sb || c.callCount() != 1 {
+			t.Fatalf("two holders of one identity: %d CA calls, same SVID %v", c.callCount(), sa == sb)
+		}
+		a.Release()
+		a.Release() // harmless twice
+		if ids := m.Identities(); len(ids) != 1 {
+			t.Fatalf("identities %v after one of two releases", ids)
+		}
+		b.Release()
+		if ids := m.Identities(); len(ids) != 0 {
+			t.Fatalf("identities %v after every holder released", ids)
+		}
+		// Its renewal loop has stopped: no more CA calls.
+		time.Sleep(2 * time.Hour)
+		if n := c.callCount(); n != 1 {
+			t.Errorf("%d CA calls after the identity was forgotten", n)
+		}
+	})
+}
+
+func TestManagerRefusesWrongAnswers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := newTestCA(t)
+		// A token for another identity: the CA signs for that one, the
+		// CSR does not match, and nothing is served.
+		m := newManager(t, c)
+		h := m.Acquire(web, StaticToken("spiffe://cluster.local/ns/shop/sa/other"))
+		defer h.Release()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		if _, err := h.Wait(ctx); err == nil {
+			t.Fatal("served a certificate the CA refused")
+		}
+		// A new token source while failing is tried at once.
+		h.SetTokens(StaticToken(web.String()))
+		ctx2, cancel2 := context.WithTimeout(t.Context(), 10*time.Millisecond)
+		defer cancel2()
+		if _, err := h.Wait(ctx2); err != nil {
+			t.Fatalf("new token not used at once: %v", err)
+		}
+	})
+}
+
+func TestCheckSVID(t *testing.T) {
+	c := newTestCA(t)
+	key, _ := NewKey(ECDSAP256)
+	other, _ := NewKey(ECDSAP256)
+	csrPEM, _ := NewCSR(key, web)
+	chain, err := c.Sign(context.Background(), csrPEM, web.String(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := checkSVID(web, key, chain); err != nil {
+		t.Fatalf("good chain refused: %v", err)
+	}
+	if _, err := checkSVID(web, other, chain); err == nil {
+		t.Error("chain for another key accepted")
+	}
+	if _, err := checkSVID(spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/x"), key, chain); err == nil {
+		t.Error("chain for another identity accepted")
+	}
+	if _, err := checkSVID(web, key, chain[:1]); err == nil {
+		t.Error("chain without root accepted")
+	}
+	otherChain, err := newTestCA(t).Sign(context.Background(), csrPEM, web.String(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mixed := append(append([]*x509.Certificate{}, chain[:len(chain)-1]...), otherChain[len(otherChain)-1])
+	if _, err := checkSVID(web, key, mixed); err == nil {
+		t.Error("chain ending in another CA's root accepted")
+	}
+}
+
+func TestNewManagerRefusesBadConfig(t *testing.T) {
+	for _, cfg := range []Config{
+		{},
+		{Signer: newTestCA(t), KeyType: "dsa"},
+		{Signer: newTestCA(t), TTL: -time.Second},
+		{Signer: newTestCA(t), Rotation: Rotation{Fraction: 2}},
+		{Signer: newTestCA(t), Backoff: Backoff{Initial: time.Minute, Max: time.Second}},
+	} {
+		if _, err := NewManager(cfg); err == nil {
+			t.Errorf("%+v accepted", cfg)
+		}
+	}
+}
