@@ -175,14 +175,15 @@ func (m *Manager) Acquire(id spiffeid.ID, tokens TokenSource) *Handle {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	e := m.entries[id]
-	if e == nil {
-		ctx, cancel := context.WithCancel(m.ctx)
-		e = &entry{m: m, id: id, changed: make(chan struct{}), cancel: cancel, wake: make(chan struct{}, 1)}
-		m.entries[id] = e
-		m.wg.Go(func() { e.run(ctx) })
+	if e != nil {
+		e.refs++
+		e.setTokens(tokens)
+		return &Handle{e: e}
 	}
-	e.refs++
-	e.setTokens(tokens)
+	ctx, cancel := context.WithCancel(m.ctx)
+	e = &entry{m: m, id: id, refs: 1, tokens: tokens, changed: make(chan struct{}), cancel: cancel, wake: make(chan struct{}, 1)}
+	m.entries[id] = e
+	m.wg.Go(func() { e.run(ctx) })
 	return &Handle{e: e}
 }
 
