@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"log/slog"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -292,3 +293,5 @@ func TestNewManagerRefusesBadConfig(t *testing.T) {
 		}
 	}
 }
+
+var discardLog = slog.New(slog.DiscardHandler)
