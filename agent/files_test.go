@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/internal/catest"
 )
 
 func readLeaf(t *testing.T, dir string) *x509.Certificate {
@@ -23,7 +24,7 @@ func readLeaf(t *testing.T, dir string) *x509.Certificate {
 }
 
 func TestWriteFiles(t *testing.T) {
-	c := newTestCA(t)
+	c := catest.New(t)
 	key, _ := NewKey(RSA2048)
 	csrPEM, _ := NewCSR(key, web)
 	chain, err := c.Sign(context.Background(), csrPEM, web.String(), time.Hour)
@@ -70,7 +71,7 @@ func TestWriteFiles(t *testing.T) {
 func TestKeepFilesRewritesOnRotation(t *testing.T) {
 	dir := t.TempDir()
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		m := newManager(t, c)
 		h := m.Acquire(web, StaticToken(web.String()))
 		defer h.Release()

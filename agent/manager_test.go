@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/x509"
 	"log/slog"
-	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -14,73 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/meshid/meshid/ca"
-	"github.com/meshid/meshid/ca/csr"
-	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/internal/catest"
 )
-
-// testCA is meshid's real signing path in process: the token is taken to be
-// the caller's SPIFFE ID (authentication is not what these tests are about).
-type testCA struct {
-	authority *ca.Authority
-	mu        sync.Mutex
-	down      bool
-	calls     int
-}
-
-func newTestCA(t *testing.T) *testCA {
-	t.Helper()
-	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local", Algorithm: keys.ECDSAP256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	is, err := m.Issuer(time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var src keys.Source
-	src.Set(is)
-	a, err := ca.New(ca.Config{Issuers: &src, DefaultTTL: time.Hour, MaxTTL: 24 * time.Hour, Backdate: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{authority: a}
-}
-
-func (c *testCA) setDown(down bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.down = down
-}
-
-func (c *testCA) callCount() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.calls
-}
-
-func (c *testCA) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error) {
-	c.mu.Lock()
-	c.calls++
-	down := c.down
-	c.mu.Unlock()
-	if down {
-		return nil, status.Error(codes.Unavailable, "ca down")
-	}
-	id, err := spiffeid.FromString(token)
-	if err != nil {
-		return nil, status.Error(codes.Unauthenticated, "bad token")
-	}
-	pub, err := csr.Validate(csrPEM, id)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
-	if err != nil {
-		return nil, err
-	}
-	return ParseChain(cert.ChainPEM)
-}
 
 var web = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
 
@@ -101,7 +35,7 @@ func newManager(t *testing.T, signer Signer) *Manager {
 
 func TestManagerRotatesAtHalfLife(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		m := newManager(t, c)
 		h := m.Acquire(web, StaticToken(web.String()))
 		defer h.Release()
@@ -124,7 +58,7 @@ func TestManagerRotatesAtHalfLife(t *testing.T) {
 		if second.PrivateKey.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(first.PrivateKey.Public()) {
 			t.Error("rotation kept the old key")
 		}
-		if n := c.callCount(); n != 2 {
+		if n := c.Calls(); n != 2 {
 			t.Errorf("%d CA calls, want 2", n)
 		}
 	})
@@ -132,7 +66,7 @@ func TestManagerRotatesAtHalfLife(t *testing.T) {
 
 func TestManagerKeepsServingThroughOutage(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		m := newManager(t, c)
 		h := m.Acquire(web, StaticToken(web.String()))
 		defer h.Release()
@@ -140,14 +74,14 @@ func TestManagerKeepsServingThroughOutage(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.setDown(true)
+		c.SetDown(true)
 		// Past the rotation point, the CA failing: the first certificate is
 		// still served and requests keep coming, spaced by backoff.
 		time.Sleep(50 * time.Minute)
 		if h.SVID() != first {
 			t.Fatal("certificate replaced or dropped while the CA was down")
 		}
-		calls := c.callCount()
+		calls := c.Calls()
 		// 20 minutes of failures with backoff capped at 2 minutes: about
 		// 1+1+2+4+...+64s then every 1-2 minutes.
 		if calls < 10 || calls > 30 {
@@ -156,7 +90,7 @@ func TestManagerKeepsServingThroughOutage(t *testing.T) {
 		if got := status.Code(h.e.lastError()); got != codes.Unavailable {
 			t.Errorf("last error %v, want the CA's Unavailable", h.e.lastError())
 		}
-		c.setDown(false)
+		c.SetDown(false)
 		select {
 		case <-h.Changed():
 		case <-time.After(2 * time.Minute):
@@ -170,7 +104,7 @@ func TestManagerKeepsServingThroughOutage(t *testing.T) {
 
 func TestManagerDropsExpiredCertificate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		m := newManager(t, c)
 		h := m.Acquire(web, StaticToken(web.String()))
 		defer h.Release()
@@ -178,7 +112,7 @@ func TestManagerDropsExpiredCertificate(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.setDown(true)
+		c.SetDown(true)
 		time.Sleep(time.Until(first.Leaf().NotAfter) - time.Second)
 		if h.SVID() != first {
 			t.Fatal("dropped before expiry")
@@ -197,7 +131,7 @@ func TestManagerDropsExpiredCertificate(t *testing.T) {
 
 func TestManagerSharesAndForgetsIdentities(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		m := newManager(t, c)
 		a := m.Acquire(web, StaticToken(web.String()))
 		b := m.Acquire(web, StaticToken(web.String()))
@@ -206,8 +140,8 @@ func TestManagerSharesAndForgetsIdentities(t *testing.T) {
 			t.Fatal(err)
 		}
 		sb, _ := b.Wait(t.Context())
-		if sa != sb || c.callCount() != 1 {
-			t.Fatalf("two holders of one identity: %d CA calls, same SVID %v", c.callCount(), sa == sb)
+		if sa != sb || c.Calls() != 1 {
+			t.Fatalf("two holders of one identity: %d CA calls, same SVID %v", c.Calls(), sa == sb)
 		}
 		a.Release()
 		a.Release() // harmless twice
@@ -220,7 +154,7 @@ func TestManagerSharesAndForgetsIdentities(t *testing.T) {
 		}
 		// Its renewal loop has stopped: no more CA calls.
 		time.Sleep(2 * time.Hour)
-		if n := c.callCount(); n != 1 {
+		if n := c.Calls(); n != 1 {
 			t.Errorf("%d CA calls after the identity was forgotten", n)
 		}
 	})
@@ -228,7 +162,7 @@ func TestManagerSharesAndForgetsIdentities(t *testing.T) {
 
 func TestManagerRefusesWrongAnswers(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newTestCA(t)
+		c := catest.New(t)
 		// A token for another identity: the CA signs for that one, the
 		// CSR does not match, and nothing is served.
 		m := newManager(t, c)
@@ -250,7 +184,7 @@ func TestManagerRefusesWrongAnswers(t *testing.T) {
 }
 
 func TestCheckSVID(t *testing.T) {
-	c := newTestCA(t)
+	c := catest.New(t)
 	key, _ := NewKey(ECDSAP256)
 	other, _ := NewKey(ECDSAP256)
 	csrPEM, _ := NewCSR(key, web)
@@ -270,7 +204,7 @@ func TestCheckSVID(t *testing.T) {
 	if _, err := checkSVID(web, key, chain[:1]); err == nil {
 		t.Error("chain without root accepted")
 	}
-	otherChain, err := newTestCA(t).Sign(context.Background(), csrPEM, web.String(), time.Hour)
+	otherChain, err := catest.New(t).Sign(context.Background(), csrPEM, web.String(), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,10 +217,10 @@ func TestCheckSVID(t *testing.T) {
 func TestNewManagerRefusesBadConfig(t *testing.T) {
 	for _, cfg := range []Config{
 		{},
-		{Signer: newTestCA(t), KeyType: "dsa"},
-		{Signer: newTestCA(t), TTL: -time.Second},
-		{Signer: newTestCA(t), Rotation: Rotation{Fraction: 2}},
-		{Signer: newTestCA(t), Backoff: Backoff{Initial: time.Minute, Max: time.Second}},
+		{Signer: catest.New(t), KeyType: "dsa"},
+		{Signer: catest.New(t), TTL: -time.Second},
+		{Signer: catest.New(t), Rotation: Rotation{Fraction: 2}},
+		{Signer: catest.New(t), Backoff: Backoff{Initial: time.Minute, Max: time.Second}},
 	} {
 		if _, err := NewManager(cfg); err == nil {
 			t.Errorf("%+v accepted", cfg)

@@ -1,0 +1,100 @@
+// Package catest is meshid's real signing path in process, for tests of the
+// agent and SDS: no gRPC, and the token is taken to be the caller's SPIFFE
+// ID (authentication is tested elsewhere, against real parts).
+package catest
+
+import (
+	"context"
+	"crypto/x509"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/csr"
+	"github.com/meshid/meshid/ca/keys"
+)
+
+// CA signs like meshid-ca, and can be switched off.
+type CA struct {
+	authority *ca.Authority
+	root      *x509.Certificate
+	mu        sync.Mutex
+	down      bool
+	calls     int
+}
+
+// New makes a CA with a fresh ECDSA root and intermediate, valid from now
+// (in a synctest bubble: the bubble's now).
+func New(t testing.TB) *CA {
+	t.Helper()
+	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local", Algorithm: keys.ECDSAP256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	is, err := m.Issuer(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var src keys.Source
+	src.Set(is)
+	a, err := ca.New(ca.Config{Issuers: &src, DefaultTTL: time.Hour, MaxTTL: 24 * time.Hour, Backdate: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &CA{authority: a, root: is.Root()}
+}
+
+// Root is the CA's root.
+func (c *CA) Root() *x509.Certificate { return c.root }
+
+// SetDown makes every request fail with Unavailable, or not.
+func (c *CA) SetDown(down bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.down = down
+}
+
+// Calls counts the requests so far.
+func (c *CA) Calls() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.calls
+}
+
+// Sign issues a certificate for the SPIFFE ID in token, leaf first and root
+// last, as CreateCertificate answers.
+func (c *CA) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error) {
+	c.mu.Lock()
+	c.calls++
+	down := c.down
+	c.mu.Unlock()
+	if down {
+		return nil, status.Error(codes.Unavailable, "ca down")
+	}
+	id, err := spiffeid.FromString(token)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, "bad token")
+	}
+	pub, err := csr.Validate(csrPEM, id)
+	if err != nil {
+		return nil, status.Error(codes.PermissionDenied, err.Error())
+	}
+	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
+	if err != nil {
+		return nil, err
+	}
+	var chain []*x509.Certificate
+	for _, p := range cert.ChainPEM {
+		certs, err := ca.ParseCertificatesPEM([]byte(p))
+		if err != nil {
+			return nil, err
+		}
+		chain = append(chain, certs...)
+	}
+	return chain, nil
+}
