@@ -1,0 +1,319 @@
+package sds_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	statuspb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/internal/catest"
+	"github.com/meshid/meshid/sds"
+)
+
+var web = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
+
+type fixture struct {
+	ca     *catest.CA
+	bundle *agent.Bundle
+	client secretv3.SecretDiscoveryServiceClient
+	server *sds.Server
+	socket string
+}
+
+// start serves SDS over a Unix socket for a pod whose certificates live ttl.
+func start(t *testing.T, ttl time.Duration) *fixture {
+	t.Helper()
+	c := catest.New(t)
+	m, err := agent.NewManager(agent.Config{Signer: c, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	bundle := agent.NewBundle([]*x509.Certificate{c.Root()})
+	srv := sds.New(sds.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, bundle, nil)
+	dir, err := os.MkdirTemp("", "sds") // short: Unix socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket := filepath.Join(dir, "workload-spiffe-uds", "socket")
+	lis, err := sds.Listen(socket, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.Register(g)
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &fixture{ca: c, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
+}
+
+// envoyStream is one SDS stream as Envoy drives it: one resource name, the
+// node on the first request only, ACK or NACK by nonce.
+type envoyStream struct {
+	t      *testing.T
+	stream grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
+	name   string
+	resps  chan *discoveryv3.DiscoveryResponse
+	errs   chan error
+}
+
+func (f *fixture) open(t *testing.T, name string) *envoyStream {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	stream, err := f.client.StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &envoyStream{t: t, stream: stream, name: name, resps: make(chan *discoveryv3.DiscoveryResponse, 16), errs: make(chan error, 1)}
+	go func() {
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				s.errs <- err
+				return
+			}
+			s.resps <- resp
+		}
+	}()
+	s.send(&discoveryv3.DiscoveryRequest{
+		Node:          &corev3.Node{Id: "sidecar~10.0.0.1~web-7d4b9.shop~shop.svc.cluster.local", Cluster: "web.shop"},
+		ResourceNames: []string{name},
+		TypeUrl:       sds.SecretType,
+	})
+	return s
+}
+
+func (s *envoyStream) send(req *discoveryv3.DiscoveryRequest) {
+	s.t.Helper()
+	if err := s.stream.Send(req); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+func (s *envoyStream) ack(resp *discoveryv3.DiscoveryResponse) {
+	s.send(&discoveryv3.DiscoveryRequest{VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce, ResourceNames: []string{s.name}, TypeUrl: sds.SecretType})
+}
+
+func (s *envoyStream) nack(resp *discoveryv3.DiscoveryResponse, previous string) {
+	s.send(&discoveryv3.DiscoveryRequest{VersionInfo: previous, ResponseNonce: resp.Nonce, ResourceNames: []string{s.name}, TypeUrl: sds.SecretType,
+		ErrorDetail: &statuspb.Status{Code: int32(codes.InvalidArgument), Message: "rejected by test"}})
+}
+
+// next waits for a response; it fails the test after within.
+func (s *envoyStream) next(within time.Duration) *discoveryv3.DiscoveryResponse {
+	s.t.Helper()
+	select {
+	case resp := <-s.resps:
+		if resp.Nonce == "" || resp.VersionInfo == "" || resp.TypeUrl != sds.SecretType {
+			s.t.Fatalf("response without nonce, version or type: %v", resp)
+		}
+		return resp
+	case err := <-s.errs:
+		s.t.Fatalf("stream ended: %v", err)
+	case <-time.After(within):
+		s.t.Fatalf("no response within %s", within)
+	}
+	return nil
+}
+
+// quiet checks that nothing arrives for a while (used only to show that an
+// ACK or NACK is not answered; a response would arrive in microseconds).
+func (s *envoyStream) quiet(d time.Duration) {
+	s.t.Helper()
+	select {
+	case resp := <-s.resps:
+		s.t.Fatalf("unexpected response %s", resp.VersionInfo)
+	case err := <-s.errs:
+		s.t.Fatalf("stream ended: %v", err)
+	case <-time.After(d):
+	}
+}
+
+func secrets(t *testing.T, resp *discoveryv3.DiscoveryResponse) []*tlsv3.Secret {
+	t.Helper()
+	var out []*tlsv3.Secret
+	for _, a := range resp.Resources {
+		var sec tlsv3.Secret
+		if err := a.UnmarshalTo(&sec); err != nil {
+			t.Fatal(err)
+		}
+		if err := sec.Validate(); err != nil {
+			t.Fatalf("secret %s fails Validate: %v", sec.Name, err)
+		}
+		out = append(out, &sec)
+	}
+	return out
+}
+
+// workloadLeaf checks a "default" secret and returns its leaf.
+func workloadLeaf(t *testing.T, sec *tlsv3.Secret) *x509.Certificate {
+	t.Helper()
+	tc := sec.GetTlsCertificate()
+	if sec.Name != sds.WorkloadCertName || tc == nil {
+		t.Fatalf("secret %s is not a TLS certificate", sec.Name)
+	}
+	pair, err := tls.X509KeyPair(tc.GetCertificateChain().GetInlineBytes(), tc.GetPrivateKey().GetInlineBytes())
+	if err != nil {
+		t.Fatalf("chain and key do not match: %v", err)
+	}
+	if len(pair.Leaf.URIs) != 1 || pair.Leaf.URIs[0].String() != web.String() {
+		t.Fatalf("leaf names %v", pair.Leaf.URIs)
+	}
+	if _, ok := pair.PrivateKey.(crypto.Signer); !ok {
+		t.Fatal("key is not a signer")
+	}
+	return pair.Leaf
+}
+
+func TestStreamDefaultPushesRotation(t *testing.T) {
+	f := start(t, 2*time.Second)
+	s := f.open(t, sds.WorkloadCertName)
+	first := s.next(10 * time.Second)
+	secs := secrets(t, first)
+	if len(secs) != 1 {
+		t.Fatalf("%d resources, want 1", len(secs))
+	}
+	leaf1 := workloadLeaf(t, secs[0])
+	s.ack(first)
+	if got := f.server.OpenStreams(); got != 1 {
+		t.Errorf("OpenStreams %d, want 1", got)
+	}
+	// The certificate lives 2s and is renewed at about half life: the new
+	// one is pushed without any request.
+	second := s.next(10 * time.Second)
+	leaf2 := workloadLeaf(t, secrets(t, second)[0])
+	if leaf2.SerialNumber.Cmp(leaf1.SerialNumber) == 0 || second.VersionInfo == first.VersionInfo || second.Nonce == first.Nonce {
+		t.Fatalf("rotation pushed the same certificate (version %s, nonce %s)", second.VersionInfo, second.Nonce)
+	}
+	s.ack(second)
+}
+
+func TestStreamRootCAPushesBundleChange(t *testing.T) {
+	f := start(t, time.Hour)
+	s := f.open(t, sds.RootCertName)
+	first := s.next(10 * time.Second)
+	vc := secrets(t, first)[0].GetValidationContext()
+	roots, err := ca.ParseCertificatesPEM(vc.GetTrustedCa().GetInlineBytes())
+	if err != nil || len(roots) != 1 || !roots[0].Equal(f.ca.Root()) {
+		t.Fatalf("ROOTCA holds %d certificates (%v), want the CA's root", len(roots), err)
+	}
+	s.ack(first)
+	s.quiet(200 * time.Millisecond)
+
+	// A root rotation: the bundle holds old and new; every stream gets it at once.
+	next := catest.New(t).Root()
+	f.bundle.Set([]*x509.Certificate{f.ca.Root(), next})
+	second := s.next(5 * time.Second)
+	roots, _ = ca.ParseCertificatesPEM(secrets(t, second)[0].GetValidationContext().GetTrustedCa().GetInlineBytes())
+	if len(roots) != 2 {
+		t.Fatalf("after the bundle change ROOTCA holds %d roots, want 2", len(roots))
+	}
+}
+
+func TestStreamNACKIsNotResent(t *testing.T) {
+	f := start(t, time.Hour)
+	s := f.open(t, sds.RootCertName)
+	first := s.next(10 * time.Second)
+	s.nack(first, "")
+	s.quiet(200 * time.Millisecond)
+	// A stale nonce is ignored too.
+	s.send(&discoveryv3.DiscoveryRequest{ResponseNonce: "stale", ResourceNames: []string{sds.RootCertName}, TypeUrl: sds.SecretType})
+	s.quiet(200 * time.Millisecond)
+	// The next change is pushed.
+	f.bundle.Set([]*x509.Certificate{f.ca.Root(), catest.New(t).Root()})
+	if second := s.next(5 * time.Second); second.VersionInfo == first.VersionInfo {
+		t.Fatal("same version pushed after a change")
+	}
+}
+
+func TestStreamRefusesUnknownNames(t *testing.T) {
+	f := start(t, time.Hour)
+	for _, tc := range []struct {
+		req  *discoveryv3.DiscoveryRequest
+		want string
+	}{
+		{&discoveryv3.DiscoveryRequest{ResourceNames: []string{"file-cert:/etc/certs/cert.pem"}, TypeUrl: sds.SecretType}, `unknown resource "file-cert:/etc/certs/cert.pem"`},
+		{&discoveryv3.DiscoveryRequest{ResourceNames: []string{"default"}, TypeUrl: "type.googleapis.com/envoy.config.cluster.v3.Cluster"}, "is not served"},
+	} {
+		stream, err := f.client.StreamSecrets(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := stream.Send(tc.req); err != nil {
+			t.Fatal(err)
+		}
+		_, err = stream.Recv()
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want InvalidArgument saying %q", tc.req.ResourceNames, err, tc.want)
+		}
+		if _, err := f.client.FetchSecrets(context.Background(), tc.req); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("FetchSecrets %v: %v, want InvalidArgument", tc.req.ResourceNames, err)
+		}
+	}
+}
+
+func TestFetchSecrets(t *testing.T) {
+	f := start(t, time.Hour)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var resp *discoveryv3.DiscoveryResponse
+	var err error
+	for { // the first certificate may still be on its way
+		resp, err = f.client.FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{ResourceNames: []string{sds.WorkloadCertName, sds.RootCertName}, TypeUrl: sds.SecretType})
+		if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	secs := secrets(t, resp)
+	if len(secs) != 2 || secs[1].Name != sds.RootCertName {
+		t.Fatalf("%d secrets, want default and ROOTCA", len(secs))
+	}
+	workloadLeaf(t, secs[0])
+}
+
+func TestListen(t *testing.T) {
+	f := start(t, time.Hour)
+	fi, err := os.Stat(f.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want 0600", fi.Mode().Perm())
+	}
+	regular := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(regular, []byte("keep me"), 0o644)
+	if _, err := sds.Listen(regular, 0o600); err == nil {
+		t.Error("listening over a regular file succeeded")
+	}
+	if b, _ := os.ReadFile(regular); string(b) != "keep me" {
+		t.Error("a regular file was replaced")
+	}
+}
