@@ -36,19 +36,12 @@ const (
 // SecretType is the type URL of every resource served.
 const SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
-// Workload is the certificate one stream is served; *agent.Handle is one.
-type Workload interface {
-	SVID() *agent.SVID
-	Changed() <-chan struct{}
-	Release()
-}
-
 // Resolver decides which workload a stream is: the pod's own identity in
 // pod mode, the identity the stream's token proves in node mode. ctx
 // carries the stream's metadata. It is called only for streams that ask
 // for the workload certificate.
 type Resolver interface {
-	Resolve(ctx context.Context) (Workload, error)
+	Resolve(ctx context.Context) (*agent.Handle, error)
 }
 
 // Bundle is the trust bundle served as ROOTCA; *agent.Bundle is one.
@@ -104,7 +97,7 @@ func checkNames(typeURL string, names []string) error {
 type state struct {
 	s        *Server
 	ctx      context.Context
-	workload Workload
+	workload *agent.Handle
 }
 
 func (st *state) close() {

@@ -48,7 +48,7 @@ func start(t *testing.T, ttl time.Duration) *fixture {
 	}
 	t.Cleanup(m.Close)
 	bundle := agent.NewBundle([]*x509.Certificate{c.Root()})
-	srv := sds.New(sds.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, bundle, nil)
+	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, bundle, nil)
 	dir, err := os.MkdirTemp("", "sds") // short: Unix socket paths are limited to 108 bytes
 	if err != nil {
 		t.Fatal(err)
