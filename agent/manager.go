@@ -211,6 +211,9 @@ func (m *Manager) release(e *entry) {
 	if e.refs == 0 {
 		delete(m.entries, e.id)
 		e.cancel()
+		if f, ok := m.cfg.Observer.(interface{ Forget(spiffeid.ID) }); ok {
+			f.Forget(e.id)
+		}
 	}
 }
 

@@ -44,7 +44,7 @@ func buildAndRun(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-demo")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-demo", "github.com/meshid/meshid/cmd/meshid-agent")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: building the binaries:", err)

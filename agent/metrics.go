@@ -1,0 +1,69 @@
+package agent
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/status"
+)
+
+// Metrics is an Observer that exports the agent's CA exchanges to
+// Prometheus.
+type Metrics struct {
+	expiry    *prometheus.GaugeVec
+	issued    prometheus.Counter
+	failures  *prometheus.CounterVec
+	latency   *prometheus.HistogramVec
+	lastError *prometheus.GaugeVec
+}
+
+// NewMetrics registers the agent's metrics with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		expiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshid_agent_cert_expiry_timestamp_seconds",
+			Help: "NotAfter of the certificate served for each identity, as a Unix time.",
+		}, []string{"spiffe_id"}),
+		issued: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshid_agent_certificates_received_total",
+			Help: "Certificates received from the CA (first ones and rotations).",
+		}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_agent_ca_failures_total",
+			Help: "Failed certificate requests, by gRPC code.",
+		}, []string{"code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "meshid_agent_ca_request_duration_seconds",
+			Help:    "Time from key generation to a checked answer from the CA, by result.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 10),
+		}, []string{"result"}),
+		lastError: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshid_agent_failing",
+			Help: "1 while the last request for an identity failed.",
+		}, []string{"spiffe_id"}),
+	}
+	reg.MustRegister(m.expiry, m.issued, m.failures, m.latency, m.lastError)
+	return m
+}
+
+// Issued records a certificate received.
+func (m *Metrics) Issued(id spiffeid.ID, svid *SVID, took time.Duration) {
+	m.issued.Inc()
+	m.latency.WithLabelValues("ok").Observe(took.Seconds())
+	m.expiry.WithLabelValues(id.String()).Set(float64(svid.Leaf().NotAfter.Unix()))
+	m.lastError.WithLabelValues(id.String()).Set(0)
+}
+
+// Failed records a failed request.
+func (m *Metrics) Failed(id spiffeid.ID, err error, took time.Duration) {
+	m.failures.WithLabelValues(status.Code(err).String()).Inc()
+	m.latency.WithLabelValues("error").Observe(took.Seconds())
+	m.lastError.WithLabelValues(id.String()).Set(1)
+}
+
+// Forget drops the series of an identity no longer held.
+func (m *Metrics) Forget(id spiffeid.ID) {
+	m.expiry.DeleteLabelValues(id.String())
+	m.lastError.DeleteLabelValues(id.String())
+}

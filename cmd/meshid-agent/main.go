@@ -1,0 +1,214 @@
+// Command meshid-agent gets a workload's certificates from meshid-ca and
+// serves them over Envoy SDS, the SPIFFE Workload API and files, rotating
+// them automatically.
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/agent/workloadapi"
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/sds"
+)
+
+func main() {
+	var o options
+	cmd := &cobra.Command{
+		Use:   "meshid-agent",
+		Short: "Serve a workload's SPIFFE certificates over Envoy SDS, the Workload API and files",
+		Long: `meshid-agent makes the workload's key on this machine, asks meshid-ca for a
+certificate with the pod's service-account token, and serves it to Envoy (SDS)
+and SPIFFE-aware applications (Workload API), renewing it at half life.`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.complete(); err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return run(ctx, &o)
+		},
+	}
+	o.addFlags(cmd.Flags())
+	if err := cmd.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "meshid-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func readRoots(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-root-file: %w", err)
+	}
+	roots, err := ca.ParseCertificatesPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-root-file %s: %w", path, err)
+	}
+	return roots, nil
+}
+
+func run(ctx context.Context, o *options) error {
+	hopts := &slog.HandlerOptions{Level: o.level}
+	var h slog.Handler = slog.NewJSONHandler(os.Stderr, hopts)
+	if o.logFormat == "text" {
+		h = slog.NewTextHandler(os.Stderr, hopts)
+	}
+	log := slog.New(h)
+
+	roots, err := readRoots(o.caRootFile)
+	if err != nil {
+		return err
+	}
+	bundle := agent.NewBundle(roots)
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	conn, err := agent.DialCA(o.caAddr, pool, o.caServerName)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := agent.NewMetrics(reg)
+	m, err := agent.NewManager(agent.Config{
+		Signer:         agent.NewCAClient(conn, o.clusterID),
+		KeyType:        o.kt,
+		TTL:            o.certTTL,
+		Rotation:       agent.Rotation{Fraction: 0.5, Jitter: o.rotationJitter},
+		RequestTimeout: o.requestTimeout,
+		Log:            log,
+		Observer:       metrics,
+	})
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	pod := agent.Pod{Manager: m, ID: o.id, Tokens: agent.TokenFile(o.tokenFile)}
+	// The agent holds its own identity for as long as it runs, so the
+	// certificate is ready before the first proxy asks.
+	self := m.Acquire(o.id, pod.Tokens)
+	defer self.Release()
+
+	sdsServer := sds.New(pod, bundle, log)
+	wlServer := workloadapi.New(o.id.TrustDomain(), pod, bundle, log)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meshid_agent_sds_streams", Help: "Open SDS streams.",
+	}, func() float64 { return float64(sdsServer.OpenStreams()) }))
+
+	errc := make(chan error, 4)
+	var servers []*grpc.Server
+	serve := func(path string, register ...func(*grpc.Server)) error {
+		lis, err := sds.Listen(path, fs.FileMode(o.socketMode))
+		if err != nil {
+			return err
+		}
+		g := grpc.NewServer(grpc.MaxRecvMsgSize(1 << 20))
+		for _, r := range register {
+			r(g)
+		}
+		servers = append(servers, g)
+		go func() { errc <- g.Serve(lis) }()
+		log.Info("serving", "socket", path)
+		return nil
+	}
+	if o.sdsSocket != "" {
+		regs := []func(*grpc.Server){sdsServer.Register}
+		if o.workloadAPISocket == "" {
+			regs = append(regs, wlServer.Register)
+		}
+		if err := serve(o.sdsSocket, regs...); err != nil {
+			return err
+		}
+	}
+	if o.workloadAPISocket != "" {
+		if err := serve(o.workloadAPISocket, wlServer.Register); err != nil {
+			return err
+		}
+	}
+	if o.outputDir != "" {
+		if err := os.MkdirAll(o.outputDir, 0o750); err != nil {
+			return fmt.Errorf("--output-dir: %w", err)
+		}
+		go agent.KeepFiles(ctx, self, o.outputDir, bundle.Roots, log)
+	}
+	go watchRoots(ctx, o.caRootFile, bundle, log)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if self.SVID() == nil {
+			http.Error(w, "not ready: no certificate yet", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	httpLis, err := net.Listen("tcp", o.httpAddr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", o.httpAddr, err)
+	}
+	httpServer := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { errc <- httpServer.Serve(httpLis) }()
+	log.Info("meshid-agent started", "spiffe_id", o.id.String(), "ca_addr", o.caAddr, "http_addr", httpLis.Addr().String())
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err = <-errc:
+		log.Error("server stopped", "error", err)
+	}
+	for _, g := range servers {
+		g.Stop() // SDS streams are long-lived: do not wait for them
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	httpServer.Shutdown(shutdownCtx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// watchRoots reloads the trust bundle from path (a ConfigMap mount changes
+// in place); a file that does not parse is logged and ignored.
+func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slog.Logger) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		roots, err := readRoots(path)
+		if err != nil {
+			log.Warn("trust bundle not reloaded", "error", err)
+			continue
+		}
+		bundle.Set(roots)
+	}
+}

@@ -1,0 +1,102 @@
+package e2e
+
+import (
+	"context"
+	"crypto/tls"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/internal/satoken"
+)
+
+// TestAgentPodMode runs meshid-agent against meshid-ca over TLS, both as
+// processes: go-spiffe's X509Source gets the pod's certificate from the
+// agent's socket and sees it rotate, and the files are written and rewritten.
+func TestAgentPodMode(t *testing.T) {
+	dir := t.TempDir()
+	stateDir := filepath.Join(dir, "state")
+	issuer, args := jwksCAArgs(t, dir, stateDir)
+	p := startCA(t, args...)
+	p.WaitReady(t, 30*time.Second)
+
+	token, err := issuer.Token(satoken.Claims{Namespace: "shop", ServiceAccount: "web", PodName: "web-1", Audiences: []string{"istio-ca"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokenFile := filepath.Join(dir, "istio-token")
+	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "agent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "socket")
+	out := filepath.Join(dir, "certs")
+	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"),
+		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
+		"--ca-root-file="+filepath.Join(stateDir, "ca", "root-cert.pem"),
+		"--namespace=shop", "--service-account=web", "--token-file="+tokenFile,
+		"--sds-socket="+socket, "--output-dir="+out, "--http-addr=127.0.0.1:0",
+		"--cert-ttl=4s", "--log-format=text")
+	log := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("meshid-agent log:\n%s", log.String())
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// The agent creates the socket at start; the source retries until then.
+	src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr("unix://"+socket)))
+	if err != nil {
+		t.Fatalf("go-spiffe X509Source: %v\n%s", err, log.String())
+	}
+	defer src.Close()
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
+	if svid.ID != want {
+		t.Fatalf("SVID %s, want %s", svid.ID, want)
+	}
+	if err := src.WaitUntilUpdated(ctx); err != nil {
+		t.Fatalf("no rotation of a 4s certificate: %v", err)
+	}
+	rotated, _ := src.GetX509SVID()
+	if rotated.Certificates[0].SerialNumber.Cmp(svid.Certificates[0].SerialNumber) == 0 {
+		t.Fatal("rotation delivered the same certificate")
+	}
+	fi, err := os.Stat(socket)
+	if err != nil || fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket mode %v (%v), want 0660", fi.Mode().Perm(), err)
+	}
+	// Files: a key pair that loads, the key private to its owner.
+	pair, err := tls.LoadX509KeyPair(filepath.Join(out, agent.CertChainFile), filepath.Join(out, agent.KeyFile))
+	if err != nil {
+		t.Fatalf("files: %v", err)
+	}
+	if pair.Leaf.URIs[0].String() != want.String() {
+		t.Errorf("file certificate names %v", pair.Leaf.URIs)
+	}
+	if fi, _ := os.Stat(filepath.Join(out, agent.KeyFile)); fi.Mode().Perm() != 0o600 {
+		t.Errorf("key.pem mode %v, want 0600", fi.Mode().Perm())
+	}
+}
