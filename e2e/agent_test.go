@@ -89,9 +89,19 @@ func TestAgentPodMode(t *testing.T) {
 		t.Errorf("socket mode %v (%v), want 0660", fi.Mode().Perm(), err)
 	}
 	// Files: a key pair that loads, the key private to its owner.
-	pair, err := tls.LoadX509KeyPair(filepath.Join(out, agent.CertChainFile), filepath.Join(out, agent.KeyFile))
-	if err != nil {
-		t.Fatalf("files: %v", err)
+	// Each file is replaced atomically, but a reader can land between the
+	// key's rename and the chain's during a rotation (every 2s here): as
+	// agent.WriteFiles documents, it retries on a mismatch.
+	var pair tls.Certificate
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		pair, err = tls.LoadX509KeyPair(filepath.Join(out, agent.CertChainFile), filepath.Join(out, agent.KeyFile))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("files: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond) // retry interval
 	}
 	if pair.Leaf.URIs[0].String() != want.String() {
 		t.Errorf("file certificate names %v", pair.Leaf.URIs)
