@@ -172,19 +172,26 @@ func ParseKeyType(s string) (KeyType, error) {
 // an identity are used for its next requests. Release the handle when done:
 // an identity no one holds is forgotten.
 func (m *Manager) Acquire(id spiffeid.ID, tokens TokenSource) *Handle {
+	return m.AcquireUntil(id, tokens, time.Time{})
+}
+
+// AcquireUntil is Acquire for a holder whose right to id ends at until (the
+// expiry of the token that proved it; zero: no end). Servers close the
+// holder's stream then, so the proxy comes back with a fresh token.
+func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Time) *Handle {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	e := m.entries[id]
 	if e != nil {
 		e.refs++
 		e.setTokens(tokens)
-		return &Handle{e: e}
+		return &Handle{e: e, until: until}
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
 	e = &entry{m: m, id: id, refs: 1, tokens: tokens, changed: make(chan struct{}), cancel: cancel, wake: make(chan struct{}, 1)}
 	m.entries[id] = e
 	m.wg.Go(func() { e.run(ctx) })
-	return &Handle{e: e}
+	return &Handle{e: e, until: until}
 }
 
 // Identities lists the identities held now.
@@ -219,9 +226,13 @@ func (m *Manager) release(e *entry) {
 
 // Handle is one holder's view of an identity's certificate.
 type Handle struct {
-	e    *entry
-	once sync.Once
+	e     *entry
+	until time.Time
+	once  sync.Once
 }
+
+// Until is when this holder's right to the identity ends; zero: no end.
+func (h *Handle) Until() time.Time { return h.until }
 
 // ID is the identity held.
 func (h *Handle) ID() spiffeid.ID { return h.e.id }

@@ -67,6 +67,8 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 			return err
 		case <-ctx.Done():
 			return nil
+		case <-st.expired:
+			return errTokenExpired
 		case req := <-reqs:
 			if node == "" && req.GetNode() != nil {
 				node = req.GetNode().GetId()

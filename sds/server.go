@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"sync/atomic"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -98,6 +99,7 @@ type state struct {
 	s        *Server
 	ctx      context.Context
 	workload *agent.Handle
+	expired  <-chan time.Time // fires when the token that proved the workload expires
 }
 
 func (st *state) close() {
@@ -116,8 +118,15 @@ func (st *state) need(names []string) error {
 		return err
 	}
 	st.workload = w
+	if until := w.Until(); !until.IsZero() {
+		st.expired = time.After(time.Until(until))
+	}
 	return nil
 }
+
+// errTokenExpired ends a stream whose token expired: the proxy reconnects
+// with the fresh token kubelet has written meanwhile.
+var errTokenExpired = status.Error(codes.Unauthenticated, "sds: the stream's token expired; reconnect with a fresh one")
 
 // changes returns channels closed at the next change of what the stream sees.
 func (st *state) changes() (workload, bundle <-chan struct{}) {
@@ -325,6 +334,8 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 			return err
 		case <-ctx.Done():
 			return nil
+		case <-st.expired:
+			return errTokenExpired
 		case req := <-reqs:
 			if node == "" && req.GetNode() != nil {
 				node = req.GetNode().GetId()

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -78,6 +79,10 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		return err
 	}
 	defer w.Release()
+	var expired <-chan time.Time
+	if until := w.Until(); !until.IsZero() {
+		expired = time.After(time.Until(until))
+	}
 	for {
 		wch, bch := w.Changed(), s.bundle.Changed()
 		if svid := w.SVID(); svid != nil {
@@ -98,6 +103,8 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-expired:
+			return status.Error(codes.Unauthenticated, "workloadapi: the caller's token expired; reconnect with a fresh one")
 		case <-wch:
 		case <-bch:
 		}
