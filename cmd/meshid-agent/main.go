@@ -22,10 +22,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
 
 	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/agent/workloadapi"
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/k8sauth"
+	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/sds"
 )
 
@@ -75,6 +79,7 @@ func run(ctx context.Context, o *options) error {
 		h = slog.NewTextHandler(os.Stderr, hopts)
 	}
 	log := slog.New(h)
+	klog.SetSlogLogger(log.With("source", "client-go"))
 
 	roots, err := readRoots(o.caRootFile)
 	if err != nil {
@@ -107,14 +112,29 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	defer m.Close()
-	pod := agent.Pod{Manager: m, ID: o.id, Tokens: agent.TokenFile(o.tokenFile)}
-	// The agent holds its own identity for as long as it runs, so the
-	// certificate is ready before the first proxy asks.
-	self := m.Acquire(o.id, pod.Tokens)
-	defer self.Release()
+	var (
+		resolver interface {
+			Resolve(context.Context) (*agent.Handle, error)
+		}
+		self *agent.Handle // pod mode: the pod's own identity
+	)
+	if o.mode == modePod {
+		pod := agent.Pod{Manager: m, ID: o.id, Tokens: agent.TokenFile(o.tokenFile)}
+		// Held for as long as the agent runs, so the certificate is ready
+		// before the first proxy asks.
+		self = m.Acquire(o.id, pod.Tokens)
+		defer self.Release()
+		resolver = pod
+	} else {
+		authn, err := nodeAuthenticator(ctx, o)
+		if err != nil {
+			return err
+		}
+		resolver = agent.Node{Manager: m, Auth: authn, TrustDomain: o.td}
+	}
 
-	sdsServer := sds.New(pod, bundle, log)
-	wlServer := workloadapi.New(o.id.TrustDomain(), pod, bundle, log)
+	sdsServer := sds.New(resolver, bundle, log)
+	wlServer := workloadapi.New(o.td, resolver, bundle, log)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meshid_agent_sds_streams", Help: "Open SDS streams.",
 	}, func() float64 { return float64(sdsServer.OpenStreams()) }))
@@ -160,7 +180,7 @@ func run(ctx context.Context, o *options) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if self.SVID() == nil {
+		if self != nil && self.SVID() == nil {
 			http.Error(w, "not ready: no certificate yet", http.StatusServiceUnavailable)
 			return
 		}
@@ -173,7 +193,7 @@ func run(ctx context.Context, o *options) error {
 	}
 	httpServer := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { errc <- httpServer.Serve(httpLis) }()
-	log.Info("meshid-agent started", "spiffe_id", o.id.String(), "ca_addr", o.caAddr, "http_addr", httpLis.Addr().String())
+	log.Info("meshid-agent started", "mode", o.mode, "spiffe_id", o.id.String(), "ca_addr", o.caAddr, "http_addr", httpLis.Addr().String())
 
 	select {
 	case <-ctx.Done():
@@ -211,4 +231,29 @@ func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slo
 		}
 		bundle.Set(roots)
 	}
+}
+
+// nodeAuthenticator checks the tokens proxies present on their streams, with
+// a short cache so reconnecting proxies do not each cost a review.
+func nodeAuthenticator(ctx context.Context, o *options) (k8sauth.Authenticator, error) {
+	var authn k8sauth.Authenticator
+	switch o.auth {
+	case "jwks":
+		ks := k8sauth.NewFileKeySet(o.jwksFile)
+		if err := ks.Load(ctx); err != nil {
+			return nil, err
+		}
+		authn = &k8sauth.JWKS{Issuer: o.tokenIssuer, Audiences: o.audiences, Keys: ks, Leeway: 30 * time.Second}
+	default:
+		cfg, err := kubeconfig.Load(o.kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		kube, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		authn = &k8sauth.TokenReview{Client: kube.AuthenticationV1(), Audiences: o.audiences}
+	}
+	return k8sauth.NewCache(authn, 30*time.Second, 10000, nil), nil
 }

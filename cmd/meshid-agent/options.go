@@ -12,8 +12,14 @@ import (
 	"github.com/meshid/meshid/agent"
 )
 
+const (
+	modePod  = "pod"
+	modeNode = "node"
+)
+
 // options are meshid-agent's flags, validated in one place: complete.
 type options struct {
+	mode           string
 	caAddr         string
 	caRootFile     string
 	caServerName   string
@@ -22,6 +28,12 @@ type options struct {
 	namespace      string
 	serviceAccount string
 	tokenFile      string
+
+	auth        string
+	audiences   []string
+	kubeconfig  string
+	jwksFile    string
+	tokenIssuer string
 
 	sdsSocket         string
 	workloadAPISocket string
@@ -37,12 +49,19 @@ type options struct {
 	logLevel       string
 
 	// Filled in by complete.
+	td    spiffeid.TrustDomain
 	id    spiffeid.ID
 	kt    agent.KeyType
 	level slog.Level
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.mode, "mode", modePod, "pod: serve one workload's identity (--namespace, --service-account, --token-file); node: serve every proxy on the node, each stream the identity its own token proves")
+	fs.StringVar(&o.auth, "auth", "tokenreview", "node mode: how stream tokens are checked: tokenreview (ask the API server) or jwks (offline, --jwks-file and --token-issuer)")
+	fs.StringSliceVar(&o.audiences, "audiences", []string{"istio-ca"}, "node mode: audiences a stream token must carry")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "node mode with --auth=tokenreview: kubeconfig (default: in-cluster config)")
+	fs.StringVar(&o.jwksFile, "jwks-file", "", "node mode with --auth=jwks: the token issuer's JWKS file")
+	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "node mode with --auth=jwks: expected iss claim")
 	fs.StringVar(&o.caAddr, "ca-addr", "meshid-ca.meshid-system.svc:15012", "meshid-ca's gRPC address (TLS)")
 	fs.StringVar(&o.caRootFile, "ca-root-file", "./var/run/secrets/istio/root-cert.pem", "PEM roots the CA's certificate must chain to (the istio-ca-root-cert ConfigMap mount); also served as the trust bundle")
 	fs.StringVar(&o.caServerName, "ca-server-name", "", "name the CA's certificate must carry (default: the host of --ca-addr)")
@@ -71,18 +90,43 @@ func (o *options) complete() error {
 	if err != nil {
 		bad("--trust-domain: %v", err)
 	}
-	if o.namespace == "" || o.serviceAccount == "" {
-		bad("--namespace and --service-account are required (the pod's identity)")
-	} else if err == nil {
-		if o.id, err = spiffeid.FromSegments(td, "ns", o.namespace, "sa", o.serviceAccount); err != nil {
-			bad("--namespace/--service-account: %v", err)
+	o.td = td
+	switch o.mode {
+	case modePod:
+		if o.namespace == "" || o.serviceAccount == "" {
+			bad("--namespace and --service-account are required in pod mode (the pod's identity)")
+		} else if err == nil {
+			if o.id, err = spiffeid.FromSegments(td, "ns", o.namespace, "sa", o.serviceAccount); err != nil {
+				bad("--namespace/--service-account: %v", err)
+			}
 		}
+		if o.tokenFile == "" {
+			bad("--token-file is required in pod mode")
+		}
+	case modeNode:
+		if o.namespace != "" || o.serviceAccount != "" || o.outputDir != "" {
+			bad("--namespace, --service-account and --output-dir are for pod mode; in node mode each stream's token names its identity")
+		}
+		if len(o.audiences) == 0 {
+			bad("--audiences must name at least one audience")
+		}
+		switch o.auth {
+		case "tokenreview":
+		case "jwks":
+			if o.jwksFile == "" || o.tokenIssuer == "" {
+				bad("--auth=jwks needs --jwks-file and --token-issuer")
+			}
+		default:
+			bad("--auth must be tokenreview or jwks, not %q", o.auth)
+		}
+		if o.sdsSocket == "" && o.workloadAPISocket == "" {
+			bad("node mode serves nothing without --sds-socket or --workload-api-socket")
+		}
+	default:
+		bad("--mode must be pod or node, not %q", o.mode)
 	}
 	if o.caAddr == "" || o.caRootFile == "" {
 		bad("--ca-addr and --ca-root-file are required")
-	}
-	if o.tokenFile == "" {
-		bad("--token-file is required")
 	}
 	if o.kt, err = agent.ParseKeyType(o.keyType); err != nil {
 		bad("--key-type: %v", err)

@@ -22,14 +22,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/server"
+	"github.com/meshid/meshid/internal/kubeconfig"
 )
 
 func main() {
@@ -78,7 +77,7 @@ func run(ctx context.Context, o *options) error {
 
 	var kube kubernetes.Interface
 	if o.needsKube() {
-		cfg, err := kubeConfig(o.kubeconfig)
+		cfg, err := kubeconfig.Load(o.kubeconfig)
 		if err != nil {
 			return err
 		}
@@ -281,21 +280,6 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 		}
 		backoff = min(2*backoff, 30*time.Second)
 	}
-}
-
-func kubeConfig(path string) (*rest.Config, error) {
-	if path != "" {
-		cfg, err := clientcmd.BuildConfigFromFlags("", path)
-		if err != nil {
-			return nil, fmt.Errorf("--kubeconfig: %w", err)
-		}
-		return cfg, nil
-	}
-	cfg, err := rest.InClusterConfig()
-	if err != nil {
-		return nil, fmt.Errorf("not in a cluster and no --kubeconfig: %w", err)
-	}
-	return cfg, nil
 }
 
 func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface) (k8sauth.Authenticator, error) {

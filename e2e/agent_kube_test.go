@@ -1,0 +1,116 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/internal/kubetest"
+	"github.com/meshid/meshid/sds"
+)
+
+// TestAgentNodeModeKube: proxies' tokens from TokenRequest, checked by the
+// node agent and by the CA with TokenReview against a real kube-apiserver;
+// each SDS stream gets the identity of its own token.
+func TestAgentNodeModeKube(t *testing.T) {
+	cluster := kubetest.Start(t)
+	cluster.ServiceAccount(t, "shop", "web")
+	cluster.ServiceAccount(t, "billing", "api")
+	state := t.TempDir()
+	p := startCA(t, "--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig, "--ca-source=dir", "--state-dir="+state)
+	p.WaitReady(t, 30*time.Second)
+
+	sockDir, err := os.MkdirTemp("", "node")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "socket")
+	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"), "--mode=node",
+		"--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig,
+		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
+		"--ca-root-file="+filepath.Join(state, "ca", "root-cert.pem"),
+		"--sds-socket="+socket, "--http-addr=127.0.0.1:0", "--log-format=text")
+	log := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("meshid-agent log:\n%s", log.String())
+		}
+	})
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := secretv3.NewSecretDiscoveryServiceClient(conn)
+
+	fetch := func(token string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+		for {
+			stream, err := client.StreamSecrets(ctx, grpc.WaitForReady(true))
+			if err != nil {
+				return "", err
+			}
+			if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType}); err != nil {
+				return "", err
+			}
+			resp, err := stream.Recv()
+			if status.Code(err) == codes.Unavailable && ctx.Err() == nil {
+				time.Sleep(100 * time.Millisecond) // retry interval: the agent is still starting
+				continue
+			}
+			if err != nil {
+				return "", err
+			}
+			var sec tlsv3.Secret
+			if err := resp.Resources[0].UnmarshalTo(&sec); err != nil {
+				return "", err
+			}
+			certs, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+			if err != nil {
+				return "", err
+			}
+			return certs[0].URIs[0].String(), nil
+		}
+	}
+	for _, tc := range []struct{ ns, sa string }{{"shop", "web"}, {"billing", "api"}} {
+		got, err := fetch(cluster.Token(t, tc.ns, tc.sa, "istio-ca"))
+		if err != nil {
+			t.Fatalf("%s/%s: %v", tc.ns, tc.sa, err)
+		}
+		if want := "spiffe://cluster.local/ns/" + tc.ns + "/sa/" + tc.sa; got != want {
+			t.Errorf("stream with %s/%s's token got %s", tc.ns, tc.sa, got)
+		}
+	}
+	for name, token := range map[string]string{
+		"default-audience token": cluster.Token(t, "shop", "web"),
+		"garbage token":          "not.a.token",
+	} {
+		if _, err := fetch(token); status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s: %v, want Unauthenticated", name, err)
+		}
+	}
+}
