@@ -19,7 +19,8 @@ func TestDemo(t *testing.T) {
 		defer cancel()
 		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", dir,
 			fmt.Sprintf("--grpc-addr=127.0.0.1:%d", freeTCPPort(t)),
-			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)))
+			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)),
+			"--cert-ttl=2s", "--duration=4s")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			t.Fatalf("meshid-demo: %v\n%s", err, out)
@@ -32,7 +33,13 @@ func TestDemo(t *testing.T) {
 		"refused: PermissionDenied",
 		"refused: Unauthenticated",
 		"24h0m0s from now",
-		"stopped",
+		"web → api: mTLS up",
+		"web rotated",
+		"api rotated",
+		"refused: remote error: tls: certificate required",
+		"refused: remote error: tls: bad certificate",
+		"stopping meshid-agent",
+		"stopping meshid-ca",
 	} {
 		if !strings.Contains(first, want) {
 			t.Errorf("demo output lacks %q:\n%s", want, first)

@@ -39,11 +39,13 @@ func main() {
 	dir := flag.String("dir", ".meshid-demo", "where the demo keeps its state (CA keys, token issuer key, issued certificates)")
 	grpcAddr := flag.String("grpc-addr", "127.0.0.1:15012", "meshid-ca's gRPC address")
 	httpAddr := flag.String("http-addr", "127.0.0.1:15014", "meshid-ca's health and metrics address")
-	caBinary := flag.String("ca-binary", "", "meshid-ca binary (default: next to this one)")
+	caBinary := flag.String("ca-binary", "", "meshid-ca binary (default: next to this one; meshid-agent is looked for beside it)")
+	certTTL := flag.Duration("cert-ttl", 6*time.Second, "lifetime of the workloads' certificates, short so that rotations show")
+	duration := flag.Duration("duration", 20*time.Second, "how long the two workloads talk before the demo shows refusals and stops")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *caBinary); err != nil {
+	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *caBinary, *certTTL, *duration); err != nil {
 		fmt.Fprintln(os.Stderr, "meshid-demo:", err)
 		os.Exit(1)
 	}
@@ -52,7 +54,7 @@ func main() {
 func step(format string, args ...any) { fmt.Printf("\n▶ "+format+"\n", args...) }
 func info(format string, args ...any) { fmt.Printf("  "+format+"\n", args...) }
 
-func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string) error {
+func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string, certTTL, duration time.Duration) error {
 	if caBinary == "" {
 		self, err := os.Executable()
 		if err != nil {
@@ -185,7 +187,10 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string) error {
 		return err
 	}
 	info("issued until %s, %s from now", chain[0].NotAfter.Local().Format(time.DateTime), time.Until(chain[0].NotAfter).Round(time.Minute))
-	return nil
+
+	m := &mesh{dir: dir, binDir: filepath.Dir(caBinary), caAddr: grpcAddr, rootFile: filepath.Join(stateDir, "ca", "root-cert.pem"),
+		jwksPath: jwksPath, issuer: issuer, certTTL: certTTL, duration: duration}
+	return m.run(ctx)
 }
 
 func sign(ctx context.Context, client *agent.CAClient, key crypto.Signer, id spiffeid.ID, token string, ttl time.Duration) ([]*x509.Certificate, error) {
