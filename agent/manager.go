@@ -194,6 +194,20 @@ func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Ti
 	return &Handle{e: e, until: until}
 }
 
+// Renew asks for a new certificate for id now, if it is held (after a root
+// change, or to measure a rotation).
+func (m *Manager) Renew(id spiffeid.ID) {
+	m.mu.Lock()
+	e := m.entries[id]
+	m.mu.Unlock()
+	if e != nil {
+		select {
+		case e.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
 // Identities lists the identities held now.
 func (m *Manager) Identities() []spiffeid.ID {
 	m.mu.Lock()

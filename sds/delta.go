@@ -58,7 +58,12 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 		return nil
 	}
 	for {
+		// Take the change channels before comparing what is current with
+		// what was sent: a change in between then still wakes us.
 		wch, bch := st.changes()
+		if err := send(); err != nil {
+			return err
+		}
 		select {
 		case err := <-recvErr:
 			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
@@ -94,17 +99,8 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 			if err := st.need(slices.Collect(maps.Keys(subs))); err != nil {
 				return err
 			}
-			if err := send(); err != nil {
-				return err
-			}
 		case <-wch:
-			if err := send(); err != nil {
-				return err
-			}
 		case <-bch:
-			if err := send(); err != nil {
-				return err
-			}
 		}
 	}
 }

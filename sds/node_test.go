@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,13 +30,14 @@ import (
 // nodeFixture is one agent serving every proxy of a node: each stream is
 // authenticated by its own token, checked offline against the issuer's keys.
 type nodeFixture struct {
-	ca      *catest.CA
-	issuer  *satoken.Issuer
-	manager *agent.Manager
-	client  secretv3.SecretDiscoveryServiceClient
+	ca       *catest.CA
+	answered atomic.Int64 // when the CA last answered, Unix nanoseconds
+	issuer   *satoken.Issuer
+	manager  *agent.Manager
+	client   secretv3.SecretDiscoveryServiceClient
 }
 
-func startNode(t *testing.T) *nodeFixture {
+func startNode(t testing.TB) *nodeFixture {
 	t.Helper()
 	issuer, err := satoken.New("https://node-test.local")
 	if err != nil {
@@ -60,11 +62,13 @@ func startNode(t *testing.T) *nodeFixture {
 		}
 		return spiffeid.FromSegments(td, "ns", caller.Namespace, "sa", caller.ServiceAccount)
 	}
-	m, err := agent.NewManager(agent.Config{Signer: c, TTL: time.Hour})
+	f := &nodeFixture{ca: c, issuer: issuer}
+	m, err := agent.NewManager(agent.Config{Signer: timedSigner{c, &f.answered}, TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
+	f.manager = m
 	srv := sds.New(agent.Node{Manager: m, Auth: auth, TrustDomain: td}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil)
 	dir, err := os.MkdirTemp("", "node")
 	if err != nil {
@@ -85,10 +89,25 @@ func startNode(t *testing.T) *nodeFixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &nodeFixture{ca: c, issuer: issuer, manager: m, client: secretv3.NewSecretDiscoveryServiceClient(conn)}
+	f.client = secretv3.NewSecretDiscoveryServiceClient(conn)
+	return f
 }
 
-func (f *nodeFixture) token(t *testing.T, ns, sa string, ttl time.Duration) string {
+// timedSigner notes when the CA answers.
+type timedSigner struct {
+	agent.Signer
+	answered *atomic.Int64
+}
+
+func (s timedSigner) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error) {
+	chain, err := s.Signer.Sign(ctx, csrPEM, token, ttl)
+	s.answered.Store(time.Now().UnixNano())
+	return chain, err
+}
+
+func (f *nodeFixture) caAnswered() time.Time { return time.Unix(0, f.answered.Load()) }
+
+func (f *nodeFixture) token(t testing.TB, ns, sa string, ttl time.Duration) string {
 	t.Helper()
 	tok, err := f.issuer.Token(satoken.Claims{Namespace: ns, ServiceAccount: sa, Audiences: []string{"istio-ca"}, TTL: ttl})
 	if err != nil {
@@ -99,7 +118,7 @@ func (f *nodeFixture) token(t *testing.T, ns, sa string, ttl time.Duration) stri
 
 // stream opens a "default" stream with token (none if empty) and returns
 // the first answer or the error that ended the stream.
-func (f *nodeFixture) stream(t *testing.T, token string) (*discoveryv3.DiscoveryResponse, grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse], error) {
+func (f *nodeFixture) stream(t testing.TB, token string) (*discoveryv3.DiscoveryResponse, grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse], error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)

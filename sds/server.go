@@ -325,7 +325,12 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 		return nil
 	}
 	for {
+		// Take the change channels before comparing what is current with
+		// what was sent: a change in between then still wakes us.
 		wch, bch := st.changes()
+		if err := send(); err != nil {
+			return err
+		}
 		select {
 		case err := <-recvErr:
 			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
@@ -359,18 +364,9 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 			if err := st.need(names); err != nil {
 				return err
 			}
-			sent = "" // a new or changed subscription gets an answer
-			if err := send(); err != nil {
-				return err
-			}
+			sent = "" // a new or changed subscription gets an answer, at the loop's top
 		case <-wch:
-			if err := send(); err != nil {
-				return err
-			}
 		case <-bch:
-			if err := send(); err != nil {
-				return err
-			}
 		}
 	}
 }

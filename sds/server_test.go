@@ -31,18 +31,23 @@ import (
 var web = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
 
 type fixture struct {
-	ca     *catest.CA
-	bundle *agent.Bundle
-	client secretv3.SecretDiscoveryServiceClient
-	server *sds.Server
-	socket string
+	ca      *catest.CA
+	manager *agent.Manager
+	bundle  *agent.Bundle
+	client  secretv3.SecretDiscoveryServiceClient
+	server  *sds.Server
+	socket  string
 }
 
 // start serves SDS over a Unix socket for a pod whose certificates live ttl.
-func start(t *testing.T, ttl time.Duration) *fixture {
+func start(t testing.TB, ttl time.Duration, configure ...func(*agent.Config)) *fixture {
 	t.Helper()
 	c := catest.New(t)
-	m, err := agent.NewManager(agent.Config{Signer: c, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}})
+	cfg := agent.Config{Signer: c, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}}
+	for _, f := range configure {
+		f(&cfg)
+	}
+	m, err := agent.NewManager(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +73,7 @@ func start(t *testing.T, ttl time.Duration) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &fixture{ca: c, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
+	return &fixture{ca: c, manager: m, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
 }
 
 // envoyStream is one SDS stream as Envoy drives it: one resource name, the
