@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"log/slog"
 	"os"
@@ -27,14 +26,6 @@ const (
 // can land between two renames during a rotation: it should check that they
 // match (tls.LoadX509KeyPair does) and retry.
 func WriteFiles(dir string, svid *SVID, roots []*x509.Certificate) error {
-	keyDER, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
-	if err != nil {
-		return fmt.Errorf("agent: encoding key: %w", err)
-	}
-	var chain bytes.Buffer
-	for _, c := range svid.Certificates {
-		chain.Write(ca.EncodePEM(c))
-	}
 	var bundle bytes.Buffer
 	for _, r := range roots {
 		bundle.Write(ca.EncodePEM(r))
@@ -44,8 +35,8 @@ func WriteFiles(dir string, svid *SVID, roots []*x509.Certificate) error {
 		data []byte
 		mode os.FileMode
 	}{
-		{KeyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
-		{CertChainFile, chain.Bytes(), 0o644},
+		{KeyFile, svid.KeyPEM(), 0o600},
+		{CertChainFile, svid.ChainPEM(), 0o644},
 		{RootCertFile, bundle.Bytes(), 0o644},
 	} {
 		if err := writeAtomic(filepath.Join(dir, f.name), f.data, f.mode); err != nil {

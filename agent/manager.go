@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,6 +19,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/ca"
 )
 
 // Signer is the CA as the agent sees it; *CAClient is one.
@@ -74,13 +77,40 @@ func NewKey(kt KeyType) (crypto.Signer, error) {
 	return nil, fmt.Errorf("agent: unknown key type %q (want %s or %s)", kt, ECDSAP256, RSA2048)
 }
 
-// SVID is a workload's certificate with its key.
+// SVID is a workload's certificate with its key. It never changes once
+// made, so its encodings are computed once and shared by every stream and
+// file that serves it.
 type SVID struct {
 	ID           spiffeid.ID
 	Certificates []*x509.Certificate // leaf first, then intermediates; no root
 	PrivateKey   crypto.Signer
 	Root         *x509.Certificate // the root the CA answered with
+
+	chainPEM, keyPEM, keyDER []byte
 }
+
+func newSVID(id spiffeid.ID, certs []*x509.Certificate, key crypto.Signer, root *x509.Certificate) (*SVID, error) {
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("agent: encoding key: %w", err)
+	}
+	var chain []byte
+	for _, c := range certs {
+		chain = append(chain, ca.EncodePEM(c)...)
+	}
+	return &SVID{ID: id, Certificates: certs, PrivateKey: key, Root: root,
+		chainPEM: chain, keyDER: keyDER,
+		keyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})}, nil
+}
+
+// ChainPEM is the leaf and intermediates, PEM-encoded; do not modify it.
+func (s *SVID) ChainPEM() []byte { return s.chainPEM }
+
+// KeyPEM is the private key as a PEM "PRIVATE KEY" (PKCS#8); do not modify it.
+func (s *SVID) KeyPEM() []byte { return s.keyPEM }
+
+// KeyDER is the private key in PKCS#8 DER; do not modify it.
+func (s *SVID) KeyDER() []byte { return s.keyDER }
 
 // Leaf is the workload's own certificate.
 func (s *SVID) Leaf() *x509.Certificate { return s.Certificates[0] }
@@ -487,5 +517,5 @@ func checkSVID(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*S
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, fmt.Errorf("agent: CA's chain does not verify: %w", err)
 	}
-	return &SVID{ID: id, Certificates: chain[:len(chain)-1], PrivateKey: key, Root: root}, nil
+	return newSVID(id, chain[:len(chain)-1], key, root)
 }

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -153,19 +152,11 @@ func (st *state) secret(name string) (*tlsv3.Secret, string, error) {
 }
 
 func workloadSecret(svid *agent.SVID) (*tlsv3.Secret, string, error) {
-	keyDER, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
-	if err != nil {
-		return nil, "", fmt.Errorf("sds: encoding key: %w", err)
-	}
-	var chain bytes.Buffer
-	for _, c := range svid.Certificates {
-		chain.Write(ca.EncodePEM(c))
-	}
 	sec := &tlsv3.Secret{
 		Name: WorkloadCertName,
 		Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
-			CertificateChain: inline(chain.Bytes()),
-			PrivateKey:       inline(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})),
+			CertificateChain: inline(svid.ChainPEM()),
+			PrivateKey:       inline(svid.KeyPEM()),
 		}},
 	}
 	return sec, svid.Leaf().SerialNumber.Text(16), nil

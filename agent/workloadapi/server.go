@@ -3,7 +3,6 @@ package workloadapi
 import (
 	"context"
 	"crypto/x509"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -86,14 +85,10 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 	for {
 		wch, bch := w.Changed(), s.bundle.Changed()
 		if svid := w.SVID(); svid != nil {
-			key, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
-			if err != nil {
-				return status.Error(codes.Internal, fmt.Sprintf("workloadapi: encoding key: %v", err))
-			}
 			resp := &workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
 				SpiffeId:    svid.ID.String(),
 				X509Svid:    concatDER(svid.Certificates),
-				X509SvidKey: key,
+				X509SvidKey: svid.KeyDER(),
 				Bundle:      concatDER(s.bundle.Roots()),
 			}}}
 			if err := stream.Send(resp); err != nil {
