@@ -67,7 +67,7 @@ type caProcess struct {
 
 // startCA runs meshid-ca with args plus free loopback ports and JSON logs,
 // waits until it listens, and stops it when t ends.
-func startCA(t *testing.T, args ...string) *caProcess {
+func startCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
 	p := launchCA(t, args...)
 	p.WaitServing(t)
@@ -76,7 +76,7 @@ func startCA(t *testing.T, args ...string) *caProcess {
 
 // launchCA starts meshid-ca like startCA but returns at once; call
 // WaitServing before using its addresses.
-func launchCA(t *testing.T, args ...string) *caProcess {
+func launchCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
 	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "meshid-ca"), args...)
@@ -116,7 +116,7 @@ func launchCA(t *testing.T, args ...string) *caProcess {
 }
 
 // WaitServing waits until the process listens and learns its addresses.
-func (p *caProcess) WaitServing(t *testing.T) {
+func (p *caProcess) WaitServing(t testing.TB) {
 	t.Helper()
 	select {
 	case a := <-p.addrs:
@@ -129,7 +129,7 @@ func (p *caProcess) WaitServing(t *testing.T) {
 }
 
 // Stop sends SIGTERM and waits for the process to exit.
-func (p *caProcess) Stop(t *testing.T) {
+func (p *caProcess) Stop(t testing.TB) {
 	t.Helper()
 	select {
 	case <-p.exited:
@@ -147,7 +147,7 @@ func (p *caProcess) Stop(t *testing.T) {
 }
 
 // WaitReady waits until /readyz answers 200.
-func (p *caProcess) WaitReady(t *testing.T, within time.Duration) {
+func (p *caProcess) WaitReady(t testing.TB, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -170,7 +170,7 @@ func (p *caProcess) WaitReady(t *testing.T, within time.Duration) {
 }
 
 // Metrics returns the /metrics text.
-func (p *caProcess) Metrics(t *testing.T) string {
+func (p *caProcess) Metrics(t testing.TB) string {
 	t.Helper()
 	resp, err := http.Get("http://" + p.HTTPAddr + "/metrics")
 	if err != nil {
@@ -185,7 +185,7 @@ func (p *caProcess) Metrics(t *testing.T) string {
 }
 
 // Client dials the CA over TLS, trusting roots.
-func (p *caProcess) Client(t *testing.T, roots []*x509.Certificate) *agent.CAClient {
+func (p *caProcess) Client(t testing.TB, roots []*x509.Certificate) *agent.CAClient {
 	t.Helper()
 	pool := x509.NewCertPool()
 	for _, r := range roots {
@@ -271,7 +271,7 @@ func (p *caProcess) LogRecords(msg string) []map[string]any {
 // jwksCAArgs makes a local service-account token issuer, writes its JWKS
 // into dir and returns it with the meshid-ca arguments of the embedded
 // default (--ca-source=dir on stateDir, --auth=jwks against that JWKS).
-func jwksCAArgs(t *testing.T, dir, stateDir string) (*satoken.Issuer, []string) {
+func jwksCAArgs(t testing.TB, dir, stateDir string) (*satoken.Issuer, []string) {
 	t.Helper()
 	const issuerURL = "https://meshid-e2e.local"
 	issuer, err := satoken.New(issuerURL)

@@ -357,7 +357,7 @@ func requestsOK(t *testing.T, p *caProcess) int {
 }
 
 // freeTCPPort returns a port free on all interfaces a moment ago.
-func freeTCPPort(t *testing.T) int {
+func freeTCPPort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", ":0")
 	if err != nil {
