@@ -141,6 +141,7 @@ type Config struct {
 // certificate keeps being served until it expires.
 type Manager struct {
 	cfg     Config
+	shared  sharedCerts
 	ctx     context.Context
 	stop    context.CancelFunc
 	mu      sync.Mutex
@@ -490,6 +491,7 @@ func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: CA refused or failed: %w", err)
 	}
+	e.m.shared.intern(chain)
 	return checkSVID(e.id, key, chain)
 }
 
@@ -518,4 +520,27 @@ func checkSVID(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*S
 		return nil, fmt.Errorf("agent: CA's chain does not verify: %w", err)
 	}
 	return newSVID(id, chain[:len(chain)-1], key, root)
+}
+
+// sharedCerts keeps one parsed copy of the CA certificates every answer
+// repeats (intermediates, root), instead of one per identity: with a
+// thousand identities on a node that is megabytes.
+type sharedCerts struct {
+	mu    sync.Mutex
+	certs map[string]*x509.Certificate // by DER
+}
+
+func (s *sharedCerts) intern(chain []*x509.Certificate) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.certs == nil || len(s.certs) > 64 { // a CA rotation leaves old ones behind: start afresh
+		s.certs = map[string]*x509.Certificate{}
+	}
+	for i := 1; i < len(chain); i++ {
+		if c, ok := s.certs[string(chain[i].Raw)]; ok {
+			chain[i] = c
+		} else {
+			s.certs[string(chain[i].Raw)] = chain[i]
+		}
+	}
 }
