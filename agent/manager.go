@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	mathrand "math/rand/v2"
 	"os"
 	"strings"
@@ -145,6 +146,7 @@ type Manager struct {
 	ctx     context.Context
 	stop    context.CancelFunc
 	mu      sync.Mutex
+	closed  bool
 	entries map[spiffeid.ID]*entry
 	wg      sync.WaitGroup
 }
@@ -219,9 +221,15 @@ func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Ti
 		return &Handle{e: e, until: until}
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
-	e = &entry{m: m, id: id, refs: 1, tokens: tokens, changed: make(chan struct{}), cancel: cancel, wake: make(chan struct{}, 1)}
+	e = &entry{m: m, id: id, ctx: ctx, refs: 1, tokens: tokens, changed: make(chan struct{}), cancel: cancel}
 	m.entries[id] = e
-	m.wg.Go(func() { e.run(ctx) })
+	e.mu.Lock()
+	e.timer = time.AfterFunc(time.Duration(math.MaxInt64), e.tick) // assigned before it can fire
+	e.timer.Reset(0)
+	e.mu.Unlock()
+	if m.closed {
+		e.halt() // a closed manager fetches nothing
+	}
 	return &Handle{e: e, until: until}
 }
 
@@ -232,10 +240,7 @@ func (m *Manager) Renew(id spiffeid.ID) {
 	e := m.entries[id]
 	m.mu.Unlock()
 	if e != nil {
-		select {
-		case e.wake <- struct{}{}:
-		default:
-		}
+		e.now()
 	}
 }
 
@@ -250,9 +255,15 @@ func (m *Manager) Identities() []spiffeid.ID {
 	return ids
 }
 
-// Close stops every renewal loop and waits for them.
+// Close stops every renewal and waits for requests in flight.
 func (m *Manager) Close() {
 	m.stop()
+	m.mu.Lock()
+	m.closed = true
+	for _, e := range m.entries {
+		e.halt()
+	}
+	m.mu.Unlock()
 	m.wg.Wait()
 }
 
@@ -262,7 +273,7 @@ func (m *Manager) release(e *entry) {
 	e.refs--
 	if e.refs == 0 {
 		delete(m.entries, e.id)
-		e.cancel()
+		e.halt()
 		if f, ok := m.cfg.Observer.(interface{ Forget(spiffeid.ID) }); ok {
 			f.Forget(e.id)
 		}
@@ -319,12 +330,15 @@ func (h *Handle) SetTokens(tokens TokenSource) { h.e.setTokens(tokens) }
 // Release gives the handle up; calling it more than once is harmless.
 func (h *Handle) Release() { h.once.Do(func() { h.e.m.release(h.e) }) }
 
-// entry is one identity's certificate and its renewal loop.
+// entry is one identity's certificate and its renewal. It holds no
+// goroutine between requests: timers call tick when a request is due and
+// drop when the certificate expires, so a node with a thousand identities
+// does not keep a thousand grown stacks.
 type entry struct {
 	m      *Manager
 	id     spiffeid.ID
+	ctx    context.Context // ends when the identity is released
 	cancel context.CancelFunc
-	wake   chan struct{} // a new token source arrived while failing: retry now
 
 	mu      sync.Mutex
 	refs    int // guarded by m.mu
@@ -332,6 +346,12 @@ type entry struct {
 	svid    *SVID
 	changed chan struct{}
 	lastErr error
+	attempt int         // failures in a row
+	timer   *time.Timer // the next request
+	expiry  *time.Timer // drops svid at its NotAfter
+	running bool        // a request is in flight
+	again   bool        // asked to request again once it ends
+	halted  bool
 }
 
 func (e *entry) current() (*SVID, <-chan struct{}) {
@@ -352,119 +372,120 @@ func (e *entry) setTokens(t TokenSource) {
 	failing := e.lastErr != nil
 	e.mu.Unlock()
 	if failing {
-		select {
-		case e.wake <- struct{}{}:
-		default:
-		}
+		e.now() // a new token may be what was missing
 	}
 }
 
-// serve makes svid the current certificate and tells every holder.
-func (e *entry) serve(svid *SVID) {
+// now requests a certificate at once (after one in flight, if any).
+func (e *entry) now() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.lastErr = nil
-	e.svid = svid
+	if e.halted {
+		return
+	}
+	if e.running {
+		e.again = true
+		return
+	}
+	e.timer.Reset(0)
+}
+
+// halt stops the timers and cancels a request in flight.
+func (e *entry) halt() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.halted = true
+	e.timer.Stop()
+	if e.expiry != nil {
+		e.expiry.Stop()
+	}
+	e.cancel()
+}
+
+// notify wakes every holder; e.mu is held.
+func (e *entry) notify() {
 	close(e.changed)
 	e.changed = make(chan struct{})
 }
 
-// fail records a failed request; the current certificate stays.
-func (e *entry) fail(err error) {
+// tick makes one request and schedules the next: at the rotation time after
+// a success, after a jittered backoff after a failure. The current
+// certificate is served until it expires, then dropped.
+func (e *entry) tick() {
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.lastErr = err
-}
+	if e.halted || e.running {
+		e.mu.Unlock()
+		return
+	}
+	e.running = true
+	e.m.wg.Add(1) // halted is false, so Close has not begun waiting
+	e.mu.Unlock()
+	defer e.m.wg.Done()
 
-// drop stops serving an expired certificate and tells every holder.
-func (e *entry) drop() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.svid = nil
-	close(e.changed)
-	e.changed = make(chan struct{})
-}
-
-// run fetches the certificate, then renews it at its rotation time; on
-// failure it retries with backoff, keeps the current certificate until it
-// expires, and drops it then.
-func (e *entry) run(ctx context.Context) {
 	cfg := &e.m.cfg
-	attempt := 0
-	for {
-		start := time.Now()
-		svid, err := e.fetch(ctx)
-		took := time.Since(start)
-		if ctx.Err() != nil {
-			return
+	start := time.Now()
+	svid, err := e.fetch(e.ctx)
+	took := time.Since(start)
+
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.running = false
+	if e.halted {
+		return
+	}
+	var next time.Time
+	if err == nil {
+		e.attempt = 0
+		e.lastErr = nil
+		e.svid = svid
+		e.notify()
+		leaf := svid.Leaf()
+		// Count the lifetime from when it arrived: the CA backdates
+		// NotBefore for clock skew, which must not pull renewal earlier.
+		from := leaf.NotBefore
+		if start.After(from) {
+			from = start
 		}
-		var next time.Time
-		if err == nil {
-			attempt = 0
-			e.serve(svid)
-			leaf := svid.Leaf()
-			// Count the lifetime from when it arrived: the CA backdates
-			// NotBefore for clock skew, which must not pull renewal earlier.
-			from := leaf.NotBefore
-			if start.After(from) {
-				from = start
-			}
-			next = cfg.Rotation.RenewAt(from, leaf.NotAfter, cfg.Rand())
-			if earliest := start.Add(cfg.Backoff.Initial); next.Before(earliest) {
-				next = earliest // a CA answering with nearly expired certificates must not make us spin
-			}
-			cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", leaf.SerialNumber),
-				"not_after", leaf.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
-			if cfg.Observer != nil {
-				cfg.Observer.Issued(e.id, svid, took)
-			}
-		} else {
-			delay := cfg.Backoff.Delay(attempt, cfg.Rand())
-			attempt++
-			next = time.Now().Add(delay)
-			e.fail(err)
-			cfg.Log.Warn("certificate request failed; retrying", "spiffe_id", e.id.String(), "error", err, "attempt", attempt, "retry_in", delay)
-			if cfg.Observer != nil {
-				cfg.Observer.Failed(e.id, err, took)
-			}
+		next = cfg.Rotation.RenewAt(from, leaf.NotAfter, cfg.Rand())
+		if earliest := start.Add(cfg.Backoff.Initial); next.Before(earliest) {
+			next = earliest // a CA answering with nearly expired certificates must not make us spin
 		}
-		if !e.sleep(ctx, next) {
-			return
+		if e.expiry != nil {
+			e.expiry.Stop()
+		}
+		e.expiry = time.AfterFunc(time.Until(leaf.NotAfter), func() { e.drop(svid) })
+		cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", leaf.SerialNumber),
+			"not_after", leaf.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
+		if cfg.Observer != nil {
+			cfg.Observer.Issued(e.id, svid, took)
+		}
+	} else {
+		delay := cfg.Backoff.Delay(e.attempt, cfg.Rand())
+		e.attempt++
+		next = time.Now().Add(delay)
+		e.lastErr = err
+		cfg.Log.Warn("certificate request failed; retrying", "spiffe_id", e.id.String(), "error", err, "attempt", e.attempt, "retry_in", delay)
+		if cfg.Observer != nil {
+			cfg.Observer.Failed(e.id, err, took)
 		}
 	}
-}
-
-func (e *entry) currentSVID() *SVID {
-	svid, _ := e.current()
-	return svid
-}
-
-// sleep waits until next, dropping the current certificate if it expires
-// first. It returns false when ctx ends.
-func (e *entry) sleep(ctx context.Context, next time.Time) bool {
-	for {
-		wait := time.Until(next)
-		svid := e.currentSVID()
-		expiring := svid != nil && svid.Leaf().NotAfter.Before(next)
-		if expiring {
-			wait = time.Until(svid.Leaf().NotAfter)
-		}
-		t := time.NewTimer(max(wait, 0))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false
-		case <-e.wake:
-			t.Stop()
-			return true
-		case <-t.C:
-		}
-		if !expiring {
-			return true
-		}
-		e.m.cfg.Log.Error("certificate expired before it could be renewed; serving none", "spiffe_id", e.id.String(), "not_after", svid.Leaf().NotAfter.UTC())
-		e.drop()
+	if e.again {
+		e.again = false
+		next = time.Now()
 	}
+	e.timer.Reset(max(time.Until(next), 0))
+}
+
+// drop stops serving svid once it has expired, unless it was replaced.
+func (e *entry) drop(svid *SVID) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.halted || e.svid != svid {
+		return
+	}
+	e.m.cfg.Log.Error("certificate expired before it could be renewed; serving none", "spiffe_id", e.id.String(), "not_after", svid.Leaf().NotAfter.UTC())
+	e.svid = nil
+	e.notify()
 }
 
 // fetch makes a key and a CSR and asks the CA.
