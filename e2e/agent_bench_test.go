@@ -29,7 +29,8 @@ import (
 // BenchmarkAgentNodeMemory measures meshid-agent's memory in node mode, as
 // a process, for 1000 identities each with one open SDS stream, against
 // the same agent holding one. Run with -benchtime=1x; reported: the growth
-// of its resident set and of its Go heap in use, per 1000 identities.
+// of its resident set, of its Go heap in use and of its goroutine stacks,
+// per 1000 identities.
 func BenchmarkAgentNodeMemory(b *testing.B) {
 	const identities = 1000
 	dir := b.TempDir()
@@ -48,7 +49,7 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"), "--mode=node",
 		"--auth=jwks", "--jwks-file="+filepath.Join(dir, "jwks.json"), "--token-issuer=https://meshid-e2e.local",
 		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost", "--ca-root-file="+filepath.Join(stateDir, "ca", "root-cert.pem"),
-		"--sds-socket="+socket, "--http-addr="+httpAddr, "--log-level=warn")
+		"--sds-socket="+socket, "--http-addr="+httpAddr, "--log-level=warn", "--profiling")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
@@ -86,7 +87,7 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 		stream.Send(&discoveryv3.DiscoveryRequest{VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType})
 	}
 	open(0)
-	rss0, heap0 := agentMemory(b, cmd.Process.Pid, httpAddr)
+	rss0, heap0, stack0 := agentMemory(b, cmd.Process.Pid, httpAddr)
 	b.ResetTimer()
 	for range b.N {
 		for i := 1; i <= identities; i++ {
@@ -94,15 +95,26 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	rss1, heap1 := agentMemory(b, cmd.Process.Pid, httpAddr)
+	rss1, heap1, stack1 := agentMemory(b, cmd.Process.Pid, httpAddr)
+	if path := os.Getenv("MESHID_AGENT_HEAP_PROFILE"); path != "" {
+		resp, err := http.Get("http://" + httpAddr + "/debug/pprof/heap?gc=1")
+		if err != nil {
+			b.Fatal(err)
+		}
+		out, _ := os.Create(path)
+		io.Copy(out, resp.Body)
+		out.Close()
+		resp.Body.Close()
+	}
 	b.ReportMetric(float64(rss1-rss0)/(1<<20), "RSS-MB/1000-identities")
 	b.ReportMetric(float64(heap1-heap0)/(1<<20), "heap-MB/1000-identities")
+	b.ReportMetric(float64(stack1-stack0)/(1<<20), "stack-MB/1000-identities")
 	b.ReportMetric(float64(rss1)/(1<<20), "RSS-MB-total")
 }
 
 // agentMemory reads the process's resident set from /proc and its Go heap
 // in use from its /metrics.
-func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap int64) {
+func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap, stack int64) {
 	b.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -127,6 +139,10 @@ func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap int64) {
 			f, _ := strconv.ParseFloat(v, 64)
 			heap = int64(f)
 		}
+		if v, ok := strings.CutPrefix(line, "go_memstats_stack_inuse_bytes "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			stack = int64(f)
+		}
 	}
-	return rss, heap
+	return rss, heap, stack
 }

@@ -47,6 +47,7 @@ type options struct {
 	requestTimeout time.Duration
 	logFormat      string
 	logLevel       string
+	profiling      bool
 
 	// Filled in by complete.
 	td    spiffeid.TrustDomain
@@ -79,6 +80,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.certTTL, "cert-ttl", time.Hour, "certificate lifetime asked of the CA (it may clamp it)")
 	fs.Float64Var(&o.rotationJitter, "rotation-jitter", 0.1, "renewal happens at half life ± this fraction of the lifetime")
 	fs.DurationVar(&o.requestTimeout, "ca-timeout", 10*time.Second, "timeout of one certificate request")
+	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's pprof profiles under /debug/pprof/ on --http-addr")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 }
