@@ -229,3 +229,30 @@ func TestNewManagerRefusesBadConfig(t *testing.T) {
 }
 
 var discardLog = slog.New(slog.DiscardHandler)
+
+func TestManagerRenewNow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := catest.New(t)
+		m := newManager(t, c)
+		h := m.Acquire(web, StaticToken(web.String()))
+		defer h.Release()
+		first, err := h.Wait(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		changed := h.Changed()
+		m.Renew(web)
+		<-changed
+		if took := time.Since(start); took != 0 {
+			t.Errorf("renewed after %s of fake time, want at once", took)
+		}
+		if h.SVID() == first {
+			t.Error("Renew served the same certificate")
+		}
+		m.Renew(spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/unknown")) // not held: nothing happens
+		if n := c.Calls(); n != 2 {
+			t.Errorf("%d CA calls, want 2", n)
+		}
+	})
+}

@@ -322,3 +322,41 @@ func TestListen(t *testing.T) {
 		t.Error("a regular file was replaced")
 	}
 }
+
+// TestEveryStreamGetsEveryRotation: rotations in quick succession must
+// reach every open stream (a change landing between a send and the next
+// wait was once lost).
+func TestEveryStreamGetsEveryRotation(t *testing.T) {
+	f := start(t, time.Hour)
+	const n = 50
+	streams := make([]*envoyStream, n)
+	for i := range streams {
+		streams[i] = f.open(t, sds.WorkloadCertName)
+		streams[i].ack(streams[i].next(10 * time.Second))
+	}
+	for round := range 5 {
+		f.manager.Renew(web)
+		var want string
+		for i, s := range streams {
+			resp := s.next(10 * time.Second)
+			// A stream may have been sent an intermediate version if two
+			// rotations overlapped; it must end on the latest.
+			for {
+				select {
+				case newer := <-s.resps:
+					resp = newer
+					continue
+				default:
+				}
+				break
+			}
+			s.ack(resp)
+			if i == 0 {
+				want = resp.VersionInfo
+			}
+			if resp.VersionInfo != want {
+				t.Fatalf("round %d: stream %d holds version %s, stream 0 holds %s", round, i, resp.VersionInfo, want)
+			}
+		}
+	}
+}
