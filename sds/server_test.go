@@ -360,3 +360,40 @@ func TestEveryStreamGetsEveryRotation(t *testing.T) {
 		}
 	}
 }
+
+// TestStreamReconnect: Envoy reconnecting sends the version it holds and no
+// nonce; the new stream answers with the current secret at once.
+func TestStreamReconnect(t *testing.T) {
+	f := start(t, time.Hour)
+	ctx, cancel := context.WithCancel(context.Background())
+	first, err := f.client.StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, ResourceNames: []string{sds.RootCertName}, TypeUrl: sds.SecretType})
+	resp, err := first.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	open := f.server.OpenStreams()
+	deadline := time.Now().Add(5 * time.Second)
+	for f.server.OpenStreams() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d streams still open after the client went away (was %d)", f.server.OpenStreams(), open)
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
+	again, err := f.client.StreamSecrets(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	again.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, VersionInfo: resp.VersionInfo, ResourceNames: []string{sds.RootCertName}, TypeUrl: sds.SecretType})
+	got, err := again.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.VersionInfo != resp.VersionInfo || len(got.Resources) != 1 {
+		t.Fatalf("reconnected stream got version %s with %d resources, want %s", got.VersionInfo, len(got.Resources), resp.VersionInfo)
+	}
+}
