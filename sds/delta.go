@@ -1,8 +1,6 @@
 package sds
 
 import (
-	"context"
-	"errors"
 	"maps"
 	"slices"
 
@@ -57,50 +55,28 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 		lastNonce = resp.Nonce
 		return nil
 	}
-	for {
-		// Take the change channels before comparing what is current with
-		// what was sent: a change in between then still wakes us.
-		wch, bch := st.changes()
-		if err := send(); err != nil {
+	return serveLoop(st, reqs, recvErr, send, func(req *discoveryv3.DeltaDiscoveryRequest) error {
+		if node == "" && req.GetNode() != nil {
+			node = req.GetNode().GetId()
+		}
+		if d := req.GetErrorDetail(); d != nil && req.GetResponseNonce() == lastNonce {
+			// NACK: the proxy keeps what it had; what it refused is
+			// not sent again until it changes.
+			s.log.Warn("sds: proxy rejected secrets", "node", node, "error", d.GetMessage())
+		}
+		if err := checkNames(req.GetTypeUrl(), req.GetResourceNamesSubscribe()); err != nil {
 			return err
 		}
-		select {
-		case err := <-recvErr:
-			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
-				return nil
-			}
-			return err
-		case <-ctx.Done():
-			return nil
-		case <-st.expired:
-			return errTokenExpired
-		case req := <-reqs:
-			if node == "" && req.GetNode() != nil {
-				node = req.GetNode().GetId()
-			}
-			if d := req.GetErrorDetail(); d != nil && req.GetResponseNonce() == lastNonce {
-				// NACK: the proxy keeps what it had; what it refused is
-				// not sent again until it changes.
-				s.log.Warn("sds: proxy rejected secrets", "node", node, "error", d.GetMessage())
-			}
-			if err := checkNames(req.GetTypeUrl(), req.GetResourceNamesSubscribe()); err != nil {
-				return err
-			}
-			for name, v := range req.GetInitialResourceVersions() {
-				has[name] = v
-			}
-			for _, name := range req.GetResourceNamesSubscribe() {
-				subs[name] = true
-			}
-			for _, name := range req.GetResourceNamesUnsubscribe() {
-				delete(subs, name)
-				delete(has, name)
-			}
-			if err := st.need(slices.Collect(maps.Keys(subs))); err != nil {
-				return err
-			}
-		case <-wch:
-		case <-bch:
+		for name, v := range req.GetInitialResourceVersions() {
+			has[name] = v
 		}
-	}
+		for _, name := range req.GetResourceNamesSubscribe() {
+			subs[name] = true
+		}
+		for _, name := range req.GetResourceNamesUnsubscribe() {
+			delete(subs, name)
+			delete(has, name)
+		}
+		return st.need(slices.Collect(maps.Keys(subs)))
+	})
 }

@@ -247,6 +247,36 @@ func receive[T any](ctx context.Context, recv func() (T, error)) (<-chan T, <-ch
 	return reqs, errc
 }
 
+// serveLoop sends what changed and handles the stream's requests until it
+// ends: the client goes away, or the token that proved the workload expires.
+func serveLoop[T any](st *state, reqs <-chan T, recvErr <-chan error, send func() error, handle func(T) error) error {
+	for {
+		// Take the change channels before comparing what is current with
+		// what was sent: a change in between then still wakes us.
+		wch, bch := st.changes()
+		if err := send(); err != nil {
+			return err
+		}
+		select {
+		case err := <-recvErr:
+			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
+				return nil
+			}
+			return err
+		case <-st.ctx.Done():
+			return nil
+		case <-st.expired:
+			return errTokenExpired
+		case req := <-reqs:
+			if err := handle(req); err != nil {
+				return err
+			}
+		case <-wch:
+		case <-bch:
+		}
+	}
+}
+
 // FetchSecrets answers one request with the current secrets.
 func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
 	if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
@@ -315,49 +345,30 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 		s.log.Debug("sds: pushed", "node", node, "resources", names, "version", v)
 		return nil
 	}
-	for {
-		// Take the change channels before comparing what is current with
-		// what was sent: a change in between then still wakes us.
-		wch, bch := st.changes()
-		if err := send(); err != nil {
-			return err
+	return serveLoop(st, reqs, recvErr, send, func(req *discoveryv3.DiscoveryRequest) error {
+		if node == "" && req.GetNode() != nil {
+			node = req.GetNode().GetId()
 		}
-		select {
-		case err := <-recvErr:
-			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
-				return nil
-			}
-			return err
-		case <-ctx.Done():
+		if n := req.GetResponseNonce(); n != "" && n != lastNonce {
+			return nil // an answer to an older response: superseded
+		}
+		if d := req.GetErrorDetail(); d != nil {
+			// A NACK: Envoy keeps what it had. Sending the same again
+			// would be refused again, so wait for a change.
+			s.log.Warn("sds: proxy rejected secrets", "node", node, "resources", names, "error", d.GetMessage())
 			return nil
-		case <-st.expired:
-			return errTokenExpired
-		case req := <-reqs:
-			if node == "" && req.GetNode() != nil {
-				node = req.GetNode().GetId()
-			}
-			if n := req.GetResponseNonce(); n != "" && n != lastNonce {
-				continue // an answer to an older response: superseded
-			}
-			if d := req.GetErrorDetail(); d != nil {
-				// A NACK: Envoy keeps what it had. Sending the same again
-				// would be refused again, so wait for a change.
-				s.log.Warn("sds: proxy rejected secrets", "node", node, "resources", names, "error", d.GetMessage())
-				continue
-			}
-			if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
-				return err
-			}
-			if req.GetResponseNonce() != "" && slices.Equal(req.GetResourceNames(), names) {
-				continue // ACK of what we sent
-			}
-			names = slices.Clone(req.GetResourceNames())
-			if err := st.need(names); err != nil {
-				return err
-			}
-			sent = "" // a new or changed subscription gets an answer, at the loop's top
-		case <-wch:
-		case <-bch:
 		}
-	}
+		if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
+			return err
+		}
+		if req.GetResponseNonce() != "" && slices.Equal(req.GetResourceNames(), names) {
+			return nil // ACK of what we sent
+		}
+		names = slices.Clone(req.GetResourceNames())
+		if err := st.need(names); err != nil {
+			return err
+		}
+		sent = "" // a new or changed subscription gets an answer, at the loop's top
+		return nil
+	})
 }
