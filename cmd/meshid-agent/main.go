@@ -24,13 +24,13 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/klog/v2"
 
 	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/agent/workloadapi"
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/internal/kubeconfig"
+	"github.com/meshid/meshid/internal/logging"
 	"github.com/meshid/meshid/sds"
 )
 
@@ -74,13 +74,10 @@ func readRoots(path string) ([]*x509.Certificate, error) {
 }
 
 func run(ctx context.Context, o *options) error {
-	hopts := &slog.HandlerOptions{Level: o.level}
-	var h slog.Handler = slog.NewJSONHandler(os.Stderr, hopts)
-	if o.logFormat == "text" {
-		h = slog.NewTextHandler(os.Stderr, hopts)
+	log, err := logging.New(o.logFormat, o.level)
+	if err != nil {
+		return err
 	}
-	log := slog.New(h)
-	klog.SetSlogLogger(log.With("source", "client-go"))
 
 	roots, err := readRoots(o.caRootFile)
 	if err != nil {

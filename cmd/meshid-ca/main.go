@@ -22,13 +22,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/klog/v2"
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
+	"github.com/meshid/meshid/internal/logging"
 )
 
 func main() {
@@ -62,18 +62,11 @@ spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.`,
 	}
 }
 
-func newLogger(o *options) *slog.Logger {
-	hopts := &slog.HandlerOptions{Level: o.level}
-	var h slog.Handler = slog.NewJSONHandler(os.Stderr, hopts)
-	if o.logFormat == "text" {
-		h = slog.NewTextHandler(os.Stderr, hopts)
-	}
-	return slog.New(h)
-}
-
 func run(ctx context.Context, o *options) error {
-	log := newLogger(o)
-	klog.SetSlogLogger(log.With("source", "client-go"))
+	log, err := logging.New(o.logFormat, o.level)
+	if err != nil {
+		return err
+	}
 
 	var kube kubernetes.Interface
 	if o.needsKube() {
