@@ -111,11 +111,19 @@ func ParseFiles(files map[string][]byte) (*Material, error) {
 		if err != nil {
 			return nil, fmt.Errorf("keys: %s: %w", CertChainFile, err)
 		}
-		for _, c := range chain {
-			if c.Equal(m.CACert) || containsCert(m.Roots, c) {
-				continue
+		// Istio's layout: the CA certificate first, then each issuer in
+		// turn, possibly ending with the root. Anything else is a mix of
+		// two CAs (a half-copied directory, say) and must not be served.
+		if !chain[0].Equal(m.CACert) {
+			return nil, fmt.Errorf("keys: %s does not start with the certificate in %s", CertChainFile, CACertFile)
+		}
+		for i := 1; i < len(chain); i++ {
+			if err := chain[i-1].CheckSignatureFrom(chain[i]); err != nil {
+				return nil, fmt.Errorf("keys: %s: certificate %d is not issued by certificate %d: %w", CertChainFile, i, i+1, err)
 			}
-			m.Chain = append(m.Chain, c)
+			if !containsCert(m.Roots, chain[i]) {
+				m.Chain = append(m.Chain, chain[i])
+			}
 		}
 	}
 	if len(files[RootKeyFile]) > 0 {

@@ -74,19 +74,21 @@ func (p *Plugin) Watch(ctx context.Context, src *Source, interval time.Duration,
 			continue
 		}
 		is, err := p.parse(files)
-		if onResult != nil {
-			onResult(err)
-		}
 		if err != nil {
 			failed = sum
 			log.Error("plug-in CA files changed but do not load; keeping the current CA", "dir", p.Dir, "error", err)
-			continue
+		} else {
+			applied = sum
+			src.Set(is)
+			log.Info("plug-in CA reloaded", "dir", p.Dir,
+				"ca_fingerprint", is.Fingerprint(), "ca_not_after", is.Certificate().NotAfter,
+				"root_fingerprint", ca.Fingerprint(is.Root()))
 		}
-		applied = sum
-		src.Set(is)
-		log.Info("plug-in CA reloaded", "dir", p.Dir,
-			"ca_fingerprint", is.Fingerprint(), "ca_not_after", is.Certificate().NotAfter,
-			"root_fingerprint", ca.Fingerprint(is.Root()))
+		// Reported once the outcome is in effect, so that whoever hears
+		// of a reload finds the new CA current.
+		if onResult != nil {
+			onResult(err)
+		}
 	}
 }
 
