@@ -202,6 +202,22 @@ func TestPluginLoad(t *testing.T) {
 			t.Errorf("err = %v", err)
 		}
 	})
+
+	t.Run("cert-chain.pem of another CA", func(t *testing.T) {
+		other := generate(t, keys.ECDSAP256)
+		for name, chain := range map[string][]byte{
+			"does not start with": append(ca.EncodePEM(other.CACert), ca.EncodePEM(other.RootCert)...),
+			"is not issued by":    append(ca.EncodePEM(m.CACert), ca.EncodePEM(other.RootCert)...),
+		} {
+			d := t.TempDir()
+			writePlugin(t, d, m)
+			os.WriteFile(filepath.Join(d, keys.CertChainFile), chain, 0o600)
+			_, err := (&keys.Plugin{Dir: d}).Load()
+			if err == nil || !strings.Contains(err.Error(), name) {
+				t.Errorf("want %q: err = %v", name, err)
+			}
+		}
+	})
 }
 
 func TestPluginWatchReloadsAndKeepsGoodCA(t *testing.T) {
