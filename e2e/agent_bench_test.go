@@ -58,7 +58,7 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conns := make([]secretv3.SecretDiscoveryServiceClient, 10)
+	conns := make([]secretv3.SecretDiscoveryServiceClient, identities+1) // one connection per proxy, as on a node
 	for i := range conns {
 		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {

@@ -144,7 +144,14 @@ func run(ctx context.Context, o *options) error {
 		if err != nil {
 			return err
 		}
-		g := grpc.NewServer(grpc.MaxRecvMsgSize(1 << 20))
+		g := grpc.NewServer(
+			grpc.MaxRecvMsgSize(1<<20),
+			// A node agent holds one connection per proxy, mostly idle:
+			// small buffers, and the write buffer only while writing.
+			grpc.ReadBufferSize(4<<10),
+			grpc.WriteBufferSize(4<<10),
+			grpc.SharedWriteBuffer(true),
+		)
 		for _, r := range register {
 			r(g)
 		}
