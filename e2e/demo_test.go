@@ -17,10 +17,12 @@ func TestDemo(t *testing.T) {
 	run := func() string {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", dir,
+		// A relative --dir, as the README's command uses (.meshid-demo).
+		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", ".meshid-demo",
 			fmt.Sprintf("--grpc-addr=127.0.0.1:%d", freeTCPPort(t)),
 			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)),
 			"--cert-ttl=2s", "--duration=4s")
+		cmd.Dir = dir
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			t.Fatalf("meshid-demo: %v\n%s", err, out)

@@ -62,6 +62,11 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string, certTTL,
 		}
 		caBinary = filepath.Join(filepath.Dir(self), "meshid-ca")
 	}
+	// Absolute, because gRPC reads "unix://" addresses as absolute paths.
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
