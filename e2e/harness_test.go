@@ -104,8 +104,11 @@ func launchCA(t testing.TB, args ...string) *caProcess {
 			}
 		}
 		io.Copy(io.Discard, stderr)
+		// Wait only once stderr is drained: Wait closes the pipe, and the
+		// last lines (shutting down) must be in the log when exited closes.
+		cmd.Wait()
+		close(p.exited)
 	}()
-	go func() { cmd.Wait(); close(p.exited) }()
 	t.Cleanup(func() {
 		p.Stop(t)
 		if t.Failed() {

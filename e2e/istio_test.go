@@ -161,10 +161,16 @@ func TestIstioAgent(t *testing.T) {
 				t.Errorf(`meshid_ca_requests_total{code="OK"} went from %d to %d while pilot-agent ran, want an increase`, okBefore, okAfter)
 			}
 			serial := chain[0].SerialNumber.Text(16)
+			// The log reaches the test through a pipe: wait for the line.
 			found := false
-			for _, rec := range p.LogRecords("certificate issued") {
-				if rec["spiffe_id"] == id.String() && rec["serial"] == serial && rec["pod"] == ns+"/"+pod {
-					found = true
+			for deadline := time.Now().Add(10 * time.Second); !found && time.Now().Before(deadline); {
+				for _, rec := range p.LogRecords("certificate issued") {
+					if rec["spiffe_id"] == id.String() && rec["serial"] == serial && rec["pod"] == ns+"/"+pod {
+						found = true
+					}
+				}
+				if !found {
+					time.Sleep(10 * time.Millisecond) // poll interval
 				}
 			}
 			if !found {

@@ -23,10 +23,21 @@ import (
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 
-// issuedCount counts the issuance log lines of a CA process: refusals must
-// not add any.
-func issuedCount(p *caProcess) int {
-	return len(p.LogRecords("certificate issued"))
+// issuedCount is the CA's count of certificates issued. It is read from
+// /metrics, which the CA updates before it answers; its log reaches the
+// test through a pipe, later.
+func issuedCount(t *testing.T, p *caProcess) int { return requestsOK(t, p) }
+
+// waitLogged waits for an issuance log line naming id.
+func waitLogged(t *testing.T, p *caProcess, id string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(p.Log(), `"spiffe_id":"`+id+`"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no issuance log line names %s", id)
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
 }
 
 // TestKubeTokenReview drives meshid-ca in TokenReview mode against a real
@@ -63,9 +74,7 @@ func TestKubeTokenReview(t *testing.T) {
 		if id != web {
 			t.Errorf("SPIFFE ID %s, want %s", id, web)
 		}
-		if !strings.Contains(p.Log(), `"spiffe_id":"`+web.String()+`"`) {
-			t.Errorf("no issuance log line names %s", web)
-		}
+		waitLogged(t, p, web.String())
 	})
 
 	refusals := []struct {
@@ -82,12 +91,12 @@ func TestKubeTokenReview(t *testing.T) {
 	}
 	for _, tc := range refusals {
 		t.Run(tc.name, func(t *testing.T) {
-			before := issuedCount(p)
+			before := issuedCount(t, p)
 			_, err := sign(ctx, client, tc.id, tc.token(t))
 			if got := status.Code(err); got != tc.code {
 				t.Fatalf("code %s (%v), want %s", got, err, tc.code)
 			}
-			if after := issuedCount(p); after != before {
+			if after := issuedCount(t, p); after != before {
 				t.Errorf("%d certificates issued on a refused request", after-before)
 			}
 		})
@@ -138,12 +147,12 @@ func TestKubeAPIServerDown(t *testing.T) {
 	if err := cluster.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	before := issuedCount(p)
+	before := issuedCount(t, p)
 	_, err := sign(context.Background(), client, web, token)
 	if got := status.Code(err); got != codes.Unavailable {
 		t.Fatalf("code %s (%v), want Unavailable", got, err)
 	}
-	if after := issuedCount(p); after != before {
+	if after := issuedCount(t, p); after != before {
 		t.Errorf("%d certificates issued with the API server down", after-before)
 	}
 	if !strings.Contains(p.Metrics(t), `meshid_ca_requests_total{code="Unavailable"} 1`) {
@@ -212,10 +221,13 @@ func TestKubeSecretReplicasConverge(t *testing.T) {
 // keys, and whether it generated or loaded them.
 func loadedRoot(t *testing.T, p *caProcess) (fingerprint, msg string) {
 	t.Helper()
-	for _, msg := range []string{"CA generated", "CA loaded"} {
-		if recs := p.LogRecords(msg); len(recs) > 0 {
-			fp, _ := recs[0]["root_fingerprint"].(string)
-			return fp, msg
+	// Logged before the CA turns ready, but read through a pipe: poll.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for _, msg := range []string{"CA generated", "CA loaded"} {
+			if recs := p.LogRecords(msg); len(recs) > 0 {
+				fp, _ := recs[0]["root_fingerprint"].(string)
+				return fp, msg
+			}
 		}
 	}
 	t.Fatalf("no CA load line in the log:\n%s", p.Log())
