@@ -73,12 +73,7 @@ func TestKeepFilesRewritesOnRotation(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := catest.New(t)
 		m := newManager(t, c)
-		h := m.Acquire(web, StaticToken(web.String()))
-		defer h.Release()
-		first, err := h.Wait(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, first := holdWeb(t, m)
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan struct{})
 		go func() {

@@ -37,12 +37,7 @@ func TestManagerRotatesAtHalfLife(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := catest.New(t)
 		m := newManager(t, c)
-		h := m.Acquire(web, StaticToken(web.String()))
-		defer h.Release()
-		first, err := h.Wait(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, first := holdWeb(t, m)
 		if first.ID != web || first.Leaf().URIs[0].String() != web.String() {
 			t.Fatalf("SVID for %s", first.Leaf().URIs)
 		}
@@ -68,12 +63,7 @@ func TestManagerKeepsServingThroughOutage(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := catest.New(t)
 		m := newManager(t, c)
-		h := m.Acquire(web, StaticToken(web.String()))
-		defer h.Release()
-		first, err := h.Wait(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, first := holdWeb(t, m)
 		c.SetDown(true)
 		// Past the rotation point, the CA failing: the first certificate is
 		// still served and requests keep coming, spaced by backoff.
@@ -106,12 +96,7 @@ func TestManagerDropsExpiredCertificate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := catest.New(t)
 		m := newManager(t, c)
-		h := m.Acquire(web, StaticToken(web.String()))
-		defer h.Release()
-		first, err := h.Wait(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, first := holdWeb(t, m)
 		c.SetDown(true)
 		time.Sleep(time.Until(first.Leaf().NotAfter) - time.Second)
 		if h.SVID() != first {
@@ -230,16 +215,24 @@ func TestNewManagerRefusesBadConfig(t *testing.T) {
 
 var discardLog = slog.New(slog.DiscardHandler)
 
+// holdWeb holds web's identity until the test ends and waits for its first
+// certificate.
+func holdWeb(t *testing.T, m *Manager) (*Handle, *SVID) {
+	t.Helper()
+	h := m.Acquire(web, StaticToken(web.String()))
+	t.Cleanup(h.Release)
+	svid, err := h.Wait(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, svid
+}
+
 func TestManagerRenewNow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := catest.New(t)
 		m := newManager(t, c)
-		h := m.Acquire(web, StaticToken(web.String()))
-		defer h.Release()
-		first, err := h.Wait(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, first := holdWeb(t, m)
 		start := time.Now()
 		changed := h.Changed()
 		m.Renew(web)

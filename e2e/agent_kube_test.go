@@ -2,10 +2,7 @@ package e2e
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -35,29 +32,10 @@ func TestAgentNodeModeKube(t *testing.T) {
 	p := startCA(t, "--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig, "--ca-source=dir", "--state-dir="+state)
 	p.WaitReady(t, 30*time.Second)
 
-	sockDir, err := os.MkdirTemp("", "node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	socket := filepath.Join(sockDir, "socket")
-	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"), "--mode=node",
-		"--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig,
+	socket := shortSocket(t)
+	startAgent(t, "--mode=node", "--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig,
 		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
-		"--ca-root-file="+filepath.Join(state, "ca", "root-cert.pem"),
-		"--sds-socket="+socket, "--http-addr=127.0.0.1:0", "--log-format=text")
-	log := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("meshid-agent log:\n%s", log.String())
-		}
-	})
+		"--ca-root-file="+filepath.Join(state, "ca", "root-cert.pem"), "--sds-socket="+socket)
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

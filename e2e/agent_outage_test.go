@@ -6,12 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,40 +20,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshid/meshid/ca"
-	"github.com/meshid/meshid/internal/satoken"
 	"github.com/meshid/meshid/sds"
 )
-
-// agentProcess is a running meshid-agent in pod mode for shop/web.
-type agentProcess struct {
-	cmd      *exec.Cmd
-	httpAddr string
-	log      *lockedBuffer
-	exited   chan struct{}
-}
-
-func startAgent(t *testing.T, args ...string) *agentProcess {
-	t.Helper()
-	a := &agentProcess{httpAddr: fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t)), log: &lockedBuffer{}, exited: make(chan struct{})}
-	a.cmd = exec.Command(filepath.Join(binDir, "meshid-agent"), append([]string{"--http-addr=" + a.httpAddr, "--log-format=text"}, args...)...)
-	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
-	if err := a.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { a.cmd.Wait(); close(a.exited) }()
-	t.Cleanup(func() {
-		a.stop()
-		if t.Failed() {
-			t.Logf("meshid-agent log:\n%s", a.log.String())
-		}
-	})
-	return a
-}
-
-func (a *agentProcess) stop() {
-	a.cmd.Process.Signal(syscall.SIGTERM)
-	<-a.exited
-}
 
 // metric reads one unlabelled or fully labelled series from /metrics.
 func (a *agentProcess) metric(t *testing.T, series string) float64 {
@@ -132,33 +97,6 @@ func (e *envoy) next(t *testing.T, within time.Duration) *x509.Certificate {
 		t.Fatalf("no certificate over SDS within %s", within)
 	}
 	return nil
-}
-
-// podAgentArgs sets up a token and returns the agent flags for shop/web.
-func podAgentArgs(t *testing.T, issuer *satoken.Issuer, dir, stateDir, caAddr, socket string) []string {
-	t.Helper()
-	token, err := issuer.Token(satoken.Claims{Namespace: "shop", ServiceAccount: "web", Audiences: []string{"istio-ca"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tokenFile := filepath.Join(dir, "istio-token")
-	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return []string{"--ca-addr=" + caAddr, "--ca-server-name=localhost",
-		"--ca-root-file=" + filepath.Join(stateDir, "ca", "root-cert.pem"),
-		"--namespace=shop", "--service-account=web", "--token-file=" + tokenFile,
-		"--sds-socket=" + socket, "--cert-ttl=6s"}
-}
-
-func shortSocket(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return filepath.Join(d, "socket")
 }
 
 // TestAgentCAOutage: meshid-ca stops past the rotation point; the served

@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -14,7 +12,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"github.com/meshid/meshid/agent"
-	"github.com/meshid/meshid/internal/satoken"
 )
 
 // TestAgentPodMode runs meshid-agent against meshid-ca over TLS, both as
@@ -27,46 +24,16 @@ func TestAgentPodMode(t *testing.T) {
 	p := startCA(t, args...)
 	p.WaitReady(t, 30*time.Second)
 
-	token, err := issuer.Token(satoken.Claims{Namespace: "shop", ServiceAccount: "web", PodName: "web-1", Audiences: []string{"istio-ca"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tokenFile := filepath.Join(dir, "istio-token")
-	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sockDir, err := os.MkdirTemp("", "agent")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	socket := filepath.Join(sockDir, "socket")
+	socket := shortSocket(t)
 	out := filepath.Join(dir, "certs")
-	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"),
-		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
-		"--ca-root-file="+filepath.Join(stateDir, "ca", "root-cert.pem"),
-		"--namespace=shop", "--service-account=web", "--token-file="+tokenFile,
-		"--sds-socket="+socket, "--output-dir="+out, "--http-addr=127.0.0.1:0",
-		"--cert-ttl=4s", "--log-format=text")
-	log := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("meshid-agent log:\n%s", log.String())
-		}
-	})
+	a := startAgent(t, append(podAgentArgs(t, issuer, dir, stateDir, p.GRPCAddr, socket), "--output-dir="+out, "--cert-ttl=4s")...)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// The agent creates the socket at start; the source retries until then.
 	src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr("unix://"+socket)))
 	if err != nil {
-		t.Fatalf("go-spiffe X509Source: %v\n%s", err, log.String())
+		t.Fatalf("go-spiffe X509Source: %v\n%s", err, a.log.String())
 	}
 	defer src.Close()
 	svid, err := src.GetX509SVID()

@@ -15,7 +15,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -70,25 +69,7 @@ func startNode(t testing.TB) *nodeFixture {
 	t.Cleanup(m.Close)
 	f.manager = m
 	srv := sds.New(agent.Node{Manager: m, Auth: auth, TrustDomain: td}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil)
-	dir, err := os.MkdirTemp("", "node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "socket")
-	lis, err := sds.Listen(socket, 0o660)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	srv.Register(g)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	_, conn := serveSDS(t, srv, "socket", 0o660)
 	f.client = secretv3.NewSecretDiscoveryServiceClient(conn)
 	return f
 }

@@ -54,13 +54,21 @@ func start(t testing.TB, ttl time.Duration, configure ...func(*agent.Config)) *f
 	t.Cleanup(m.Close)
 	bundle := agent.NewBundle([]*x509.Certificate{c.Root()})
 	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, bundle, nil)
-	dir, err := os.MkdirTemp("", "sds") // short: Unix socket paths are limited to 108 bytes
+	socket, conn := serveSDS(t, srv, "workload-spiffe-uds/socket", 0o600)
+	return &fixture{ca: c, manager: m, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
+}
+
+// serveSDS serves srv on a Unix socket at name under a short temporary
+// directory (socket paths are limited to 108 bytes) and dials it.
+func serveSDS(t testing.TB, srv *sds.Server, name string, mode os.FileMode) (string, *grpc.ClientConn) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sds")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "workload-spiffe-uds", "socket")
-	lis, err := sds.Listen(socket, 0o600)
+	socket := filepath.Join(dir, name)
+	lis, err := sds.Listen(socket, mode)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +81,7 @@ func start(t testing.TB, ttl time.Duration, configure ...func(*agent.Config)) *f
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &fixture{ca: c, manager: m, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
+	return socket, conn
 }
 
 // envoyStream is one SDS stream as Envoy drives it: one resource name, the
