@@ -10,14 +10,14 @@ import (
 // rotation it holds the old and the new root; every change is announced so
 // that open streams get it at once.
 type Bundle struct {
-	mu      sync.Mutex
-	roots   []*x509.Certificate
-	changed chan struct{}
+	mu    sync.Mutex
+	roots []*x509.Certificate
+	watch watchers
 }
 
 // NewBundle starts with roots.
 func NewBundle(roots []*x509.Certificate) *Bundle {
-	return &Bundle{roots: slices.Clone(roots), changed: make(chan struct{})}
+	return &Bundle{roots: slices.Clone(roots), watch: newWatchers()}
 }
 
 // Roots returns the current roots; callers must not modify the slice.
@@ -31,7 +31,20 @@ func (b *Bundle) Roots() []*x509.Certificate {
 func (b *Bundle) Changed() <-chan struct{} {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.changed
+	return b.watch.changed
+}
+
+// OnChange calls f at every change until stop is called. f runs with the
+// bundle locked: it must return at once and not call the bundle.
+func (b *Bundle) OnChange(f func()) (stop func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	id := b.watch.add(f)
+	return func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.watch.remove(id)
+	}
 }
 
 // Set replaces the roots, announcing it only if they differ.
@@ -42,6 +55,5 @@ func (b *Bundle) Set(roots []*x509.Certificate) {
 		return
 	}
 	b.roots = slices.Clone(roots)
-	close(b.changed)
-	b.changed = make(chan struct{})
+	b.watch.fire()
 }

@@ -82,7 +82,7 @@ func KeepFiles(ctx context.Context, h *Handle, dir string, roots func() []*x509.
 			if err := WriteFiles(dir, svid, roots()); err != nil {
 				log.Error("writing certificate files", "dir", dir, "error", err)
 			} else {
-				log.Info("certificate files written", "dir", dir, "spiffe_id", svid.ID.String(), "serial", fmt.Sprintf("%x", svid.Leaf().SerialNumber))
+				log.Info("certificate files written", "dir", dir, "spiffe_id", svid.ID.String(), "serial", fmt.Sprintf("%x", svid.Serial))
 			}
 		}
 		select {

@@ -31,7 +31,7 @@ func TestWriteFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svid, err := checkSVID(web, key, chain)
+	svid, err := new(sharedCerts).svid(web, key, chain)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,8 +13,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"math/big"
 	mathrand "math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -79,33 +81,66 @@ func NewKey(kt KeyType) (crypto.Signer, error) {
 }
 
 // SVID is a workload's certificate with its key. It never changes once
-// made, so its encodings are computed once and shared by every stream and
-// file that serves it.
+// made. It keeps them encoded, not parsed: a node agent holds one per
+// identity, and a parsed certificate and key cost kilobytes more each.
 type SVID struct {
-	ID           spiffeid.ID
-	Certificates []*x509.Certificate // leaf first, then intermediates; no root
-	PrivateKey   crypto.Signer
-	Root         *x509.Certificate // the root the CA answered with
+	ID        spiffeid.ID
+	Serial    *big.Int
+	NotBefore time.Time
+	NotAfter  time.Time
+	Root      *x509.Certificate // the root the CA answered with
 
-	chainPEM, keyPEM, keyDER []byte
+	leafDER        []byte
+	intermediates  *chainTail // shared by every identity the same CA signed
+	keyDER, keyPEM []byte
 }
 
-func newSVID(id spiffeid.ID, certs []*x509.Certificate, key crypto.Signer, root *x509.Certificate) (*SVID, error) {
+// chainTail is the CA certificates between a leaf and the root, parsed and
+// encoded once for all the leaves they sign.
+type chainTail struct {
+	certs []*x509.Certificate
+	pem   []byte
+}
+
+func newSVID(id spiffeid.ID, leaf *x509.Certificate, tail *chainTail, key crypto.Signer, root *x509.Certificate) (*SVID, error) {
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, fmt.Errorf("agent: encoding key: %w", err)
 	}
-	var chain []byte
-	for _, c := range certs {
-		chain = append(chain, ca.EncodePEM(c)...)
-	}
-	return &SVID{ID: id, Certificates: certs, PrivateKey: key, Root: root,
-		chainPEM: chain, keyDER: keyDER,
-		keyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})}, nil
+	return &SVID{ID: id, Serial: leaf.SerialNumber, NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter, Root: root,
+		leafDER: leaf.Raw, intermediates: tail,
+		keyDER: keyDER, keyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})}, nil
 }
 
-// ChainPEM is the leaf and intermediates, PEM-encoded; do not modify it.
-func (s *SVID) ChainPEM() []byte { return s.chainPEM }
+// ChainPEM is the leaf and intermediates, PEM-encoded. It is encoded at
+// each call: that costs less than serving it, and a node agent holding a
+// thousand identities does not keep a thousand copies.
+func (s *SVID) ChainPEM() []byte {
+	leaf := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.leafDER})
+	return append(leaf, s.intermediates.pem...)
+}
+
+// ChainDER is the leaf and intermediates, DER-encoded one after the other
+// (the Workload API's form).
+func (s *SVID) ChainDER() []byte {
+	out := slices.Clone(s.leafDER)
+	for _, c := range s.intermediates.certs {
+		out = append(out, c.Raw...)
+	}
+	return out
+}
+
+// Certificates parses the leaf anew and returns it with the intermediates.
+func (s *SVID) Certificates() []*x509.Certificate {
+	leaf, err := x509.ParseCertificate(s.leafDER)
+	if err != nil {
+		panic("agent: an SVID's own leaf does not parse: " + err.Error()) // parsed once already
+	}
+	return append([]*x509.Certificate{leaf}, s.intermediates.certs...)
+}
+
+// Leaf parses the workload's own certificate anew.
+func (s *SVID) Leaf() *x509.Certificate { return s.Certificates()[0] }
 
 // KeyPEM is the private key as a PEM "PRIVATE KEY" (PKCS#8); do not modify it.
 func (s *SVID) KeyPEM() []byte { return s.keyPEM }
@@ -113,8 +148,14 @@ func (s *SVID) KeyPEM() []byte { return s.keyPEM }
 // KeyDER is the private key in PKCS#8 DER; do not modify it.
 func (s *SVID) KeyDER() []byte { return s.keyDER }
 
-// Leaf is the workload's own certificate.
-func (s *SVID) Leaf() *x509.Certificate { return s.Certificates[0] }
+// PrivateKey parses the key.
+func (s *SVID) PrivateKey() crypto.Signer {
+	k, err := x509.ParsePKCS8PrivateKey(s.keyDER)
+	if err != nil {
+		panic("agent: an SVID's own key does not parse: " + err.Error()) // encoded by us
+	}
+	return k.(crypto.Signer)
+}
 
 // Observer hears about every CA exchange, for metrics.
 type Observer interface {
@@ -221,7 +262,7 @@ func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Ti
 		return &Handle{e: e, until: until}
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
-	e = &entry{m: m, id: id, ctx: ctx, refs: 1, tokens: tokens, changed: make(chan struct{}), cancel: cancel}
+	e = &entry{m: m, id: id, ctx: ctx, refs: 1, tokens: tokens, watch: newWatchers(), cancel: cancel}
 	m.entries[id] = e
 	e.mu.Lock()
 	e.timer = time.AfterFunc(time.Duration(math.MaxInt64), e.tick) // assigned before it can fire
@@ -306,6 +347,20 @@ func (h *Handle) Changed() <-chan struct{} {
 	return ch
 }
 
+// OnChange calls f at every change of SVID until stop is called. f runs
+// with the identity locked: it must return at once and not call the Handle.
+func (h *Handle) OnChange(f func()) (stop func()) {
+	e := h.e
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	id := e.watch.add(f)
+	return func() {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		e.watch.remove(id)
+	}
+}
+
 // Wait returns the current certificate, waiting for the first one.
 func (h *Handle) Wait(ctx context.Context) (*SVID, error) {
 	for {
@@ -344,7 +399,7 @@ type entry struct {
 	refs    int // guarded by m.mu
 	tokens  TokenSource
 	svid    *SVID
-	changed chan struct{}
+	watch   watchers
 	lastErr error
 	attempt int         // failures in a row
 	timer   *time.Timer // the next request
@@ -357,7 +412,7 @@ type entry struct {
 func (e *entry) current() (*SVID, <-chan struct{}) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.svid, e.changed
+	return e.svid, e.watch.changed
 }
 
 func (e *entry) lastError() error {
@@ -403,10 +458,7 @@ func (e *entry) halt() {
 }
 
 // notify wakes every holder; e.mu is held.
-func (e *entry) notify() {
-	close(e.changed)
-	e.changed = make(chan struct{})
-}
+func (e *entry) notify() { e.watch.fire() }
 
 // tick makes one request and schedules the next: at the rotation time after
 // a success, after a jittered backoff after a failure. The current
@@ -439,23 +491,22 @@ func (e *entry) tick() {
 		e.lastErr = nil
 		e.svid = svid
 		e.notify()
-		leaf := svid.Leaf()
 		// Count the lifetime from when it arrived: the CA backdates
 		// NotBefore for clock skew, which must not pull renewal earlier.
-		from := leaf.NotBefore
+		from := svid.NotBefore
 		if start.After(from) {
 			from = start
 		}
-		next = cfg.Rotation.RenewAt(from, leaf.NotAfter, cfg.Rand())
+		next = cfg.Rotation.RenewAt(from, svid.NotAfter, cfg.Rand())
 		if earliest := start.Add(cfg.Backoff.Initial); next.Before(earliest) {
 			next = earliest // a CA answering with nearly expired certificates must not make us spin
 		}
 		if e.expiry != nil {
 			e.expiry.Stop()
 		}
-		e.expiry = time.AfterFunc(time.Until(leaf.NotAfter), func() { e.drop(svid) })
-		cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", leaf.SerialNumber),
-			"not_after", leaf.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
+		e.expiry = time.AfterFunc(time.Until(svid.NotAfter), func() { e.drop(svid) })
+		cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", svid.Serial),
+			"not_after", svid.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
 		if cfg.Observer != nil {
 			cfg.Observer.Issued(e.id, svid, took)
 		}
@@ -483,7 +534,7 @@ func (e *entry) drop(svid *SVID) {
 	if e.halted || e.svid != svid {
 		return
 	}
-	e.m.cfg.Log.Error("certificate expired before it could be renewed; serving none", "spiffe_id", e.id.String(), "not_after", svid.Leaf().NotAfter.UTC())
+	e.m.cfg.Log.Error("certificate expired before it could be renewed; serving none", "spiffe_id", e.id.String(), "not_after", svid.NotAfter.UTC())
 	e.svid = nil
 	e.notify()
 }
@@ -512,23 +563,31 @@ func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: CA refused or failed: %w", err)
 	}
-	e.m.shared.intern(chain)
-	return checkSVID(e.id, key, chain)
+	return e.m.shared.svid(e.id, key, chain)
 }
 
-// checkSVID makes sure the CA answered with a certificate for id and key,
+// svid checks the CA's answer and makes it an SVID sharing the CA's
+// certificates with every other.
+func (s *sharedCerts) svid(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*SVID, error) {
+	if err := checkChain(id, key, chain); err != nil {
+		return nil, err
+	}
+	return newSVID(id, chain[0], s.tail(chain[1:len(chain)-1]), key, s.root(chain[len(chain)-1]))
+}
+
+// checkChain makes sure the CA answered with a certificate for id and key,
 // chained to the root it sent, before anyone is served it.
-func checkSVID(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*SVID, error) {
+func checkChain(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) error {
 	if len(chain) < 2 {
-		return nil, errors.New("agent: CA returned fewer than 2 certificates")
+		return errors.New("agent: CA returned fewer than 2 certificates")
 	}
 	leaf := chain[0]
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
-		return nil, fmt.Errorf("agent: CA returned a certificate for %v, want %s", leaf.URIs, id)
+		return fmt.Errorf("agent: CA returned a certificate for %v, want %s", leaf.URIs, id)
 	}
 	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
 	if !ok || !pub.Equal(leaf.PublicKey) {
-		return nil, errors.New("agent: CA returned a certificate for another key")
+		return errors.New("agent: CA returned a certificate for another key")
 	}
 	root := chain[len(chain)-1]
 	roots := x509.NewCertPool()
@@ -538,30 +597,53 @@ func checkSVID(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*S
 		inter.AddCert(c)
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return nil, fmt.Errorf("agent: CA's chain does not verify: %w", err)
+		return fmt.Errorf("agent: CA's chain does not verify: %w", err)
 	}
-	return newSVID(id, chain[:len(chain)-1], key, root)
+	return nil
 }
 
-// sharedCerts keeps one parsed copy of the CA certificates every answer
-// repeats (intermediates, root), instead of one per identity: with a
-// thousand identities on a node that is megabytes.
+// sharedCerts keeps one copy of the CA certificates every answer repeats
+// (intermediates, root), parsed and encoded, instead of one per identity:
+// with a thousand identities on a node that is megabytes.
 type sharedCerts struct {
 	mu    sync.Mutex
-	certs map[string]*x509.Certificate // by DER
+	tails map[string]*chainTail        // by the DER of its certificates
+	roots map[string]*x509.Certificate // by DER
 }
 
-func (s *sharedCerts) intern(chain []*x509.Certificate) {
+// reset starts afresh once a CA rotation has left old entries behind.
+func (s *sharedCerts) reset() {
+	if s.tails == nil || len(s.tails)+len(s.roots) > 64 {
+		s.tails, s.roots = map[string]*chainTail{}, map[string]*x509.Certificate{}
+	}
+}
+
+func (s *sharedCerts) tail(certs []*x509.Certificate) *chainTail {
+	var key []byte
+	for _, c := range certs {
+		key = append(key, c.Raw...)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.certs == nil || len(s.certs) > 64 { // a CA rotation leaves old ones behind: start afresh
-		s.certs = map[string]*x509.Certificate{}
+	s.reset()
+	if t, ok := s.tails[string(key)]; ok {
+		return t
 	}
-	for i := 1; i < len(chain); i++ {
-		if c, ok := s.certs[string(chain[i].Raw)]; ok {
-			chain[i] = c
-		} else {
-			s.certs[string(chain[i].Raw)] = chain[i]
-		}
+	t := &chainTail{certs: slices.Clone(certs)}
+	for _, c := range certs {
+		t.pem = append(t.pem, ca.EncodePEM(c)...)
 	}
+	s.tails[string(key)] = t
+	return t
+}
+
+func (s *sharedCerts) root(c *x509.Certificate) *x509.Certificate {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reset()
+	if r, ok := s.roots[string(c.Raw)]; ok {
+		return r
+	}
+	s.roots[string(c.Raw)] = c
+	return c
 }

@@ -3,8 +3,10 @@ package agent
 import (
 	"context"
 	"crypto"
+	"crypto/tls"
 	"crypto/x509"
 	"log/slog"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/catest"
 )
 
@@ -50,7 +53,7 @@ func TestManagerRotatesAtHalfLife(t *testing.T) {
 		if second.Leaf().SerialNumber.Cmp(first.Leaf().SerialNumber) == 0 {
 			t.Error("same serial after rotation")
 		}
-		if second.PrivateKey.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(first.PrivateKey.Public()) {
+		if second.PrivateKey().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(first.PrivateKey().Public()) {
 			t.Error("rotation kept the old key")
 		}
 		if n := c.Calls(); n != 2 {
@@ -177,16 +180,32 @@ func TestCheckSVID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := checkSVID(web, key, chain); err != nil {
+	shared := new(sharedCerts)
+	svid, err := shared.svid(web, key, chain)
+	if err != nil {
 		t.Fatalf("good chain refused: %v", err)
 	}
-	if _, err := checkSVID(web, other, chain); err == nil {
+	checkSVIDEncodings(t, svid, key, chain)
+	key2, _ := NewKey(ECDSAP256)
+	csr2, _ := NewCSR(key2, web)
+	chain2, err := c.Sign(context.Background(), csr2, web.String(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svid2, err := shared.svid(web, key2, chain2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if svid2.intermediates != svid.intermediates || svid2.Root != svid.Root {
+		t.Error("two certificates from one CA do not share its certificates")
+	}
+	if _, err := new(sharedCerts).svid(web, other, chain); err == nil {
 		t.Error("chain for another key accepted")
 	}
-	if _, err := checkSVID(spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/x"), key, chain); err == nil {
+	if _, err := new(sharedCerts).svid(spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/x"), key, chain); err == nil {
 		t.Error("chain for another identity accepted")
 	}
-	if _, err := checkSVID(web, key, chain[:1]); err == nil {
+	if _, err := new(sharedCerts).svid(web, key, chain[:1]); err == nil {
 		t.Error("chain without root accepted")
 	}
 	otherChain, err := catest.New(t).Sign(context.Background(), csrPEM, web.String(), time.Hour)
@@ -194,7 +213,7 @@ func TestCheckSVID(t *testing.T) {
 		t.Fatal(err)
 	}
 	mixed := append(append([]*x509.Certificate{}, chain[:len(chain)-1]...), otherChain[len(otherChain)-1])
-	if _, err := checkSVID(web, key, mixed); err == nil {
+	if _, err := new(sharedCerts).svid(web, key, mixed); err == nil {
 		t.Error("chain ending in another CA's root accepted")
 	}
 }
@@ -248,4 +267,38 @@ func TestManagerRenewNow(t *testing.T) {
 			t.Errorf("%d CA calls, want 2", n)
 		}
 	})
+}
+
+// checkSVIDEncodings: every form an SVID serves says the same as the chain
+// and key it was made from.
+func checkSVIDEncodings(t *testing.T, svid *SVID, key crypto.Signer, chain []*x509.Certificate) {
+	t.Helper()
+	leaf := chain[0]
+	if svid.Serial.Cmp(leaf.SerialNumber) != 0 || !svid.NotBefore.Equal(leaf.NotBefore) || !svid.NotAfter.Equal(leaf.NotAfter) {
+		t.Errorf("SVID fields %x %v %v, leaf %x %v %v", svid.Serial, svid.NotBefore, svid.NotAfter, leaf.SerialNumber, leaf.NotBefore, leaf.NotAfter)
+	}
+	fromPEM, err := ca.ParseCertificatesPEM(svid.ChainPEM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromDER, err := x509.ParseCertificates(svid.ChainDER())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := chain[:len(chain)-1]
+	for name, got := range map[string][]*x509.Certificate{"ChainPEM": fromPEM, "ChainDER": fromDER, "Certificates": svid.Certificates()} {
+		if !slices.EqualFunc(got, want, (*x509.Certificate).Equal) {
+			t.Errorf("%s holds %d certificates, not the leaf and intermediates (%d)", name, len(got), len(want))
+		}
+	}
+	if !svid.Root.Equal(chain[len(chain)-1]) {
+		t.Error("Root is not the chain's root")
+	}
+	pub := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !pub.Equal(svid.PrivateKey().Public()) {
+		t.Error("PrivateKey is not the key")
+	}
+	if _, err := tls.X509KeyPair(svid.ChainPEM(), svid.KeyPEM()); err != nil {
+		t.Errorf("ChainPEM and KeyPEM do not make a key pair: %v", err)
+	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -11,11 +12,14 @@ import (
 // Metrics is an Observer that exports the agent's CA exchanges to
 // Prometheus.
 type Metrics struct {
-	expiry    *prometheus.GaugeVec
-	issued    prometheus.Counter
-	failures  *prometheus.CounterVec
-	latency   *prometheus.HistogramVec
-	lastError *prometheus.GaugeVec
+	expiry   *prometheus.GaugeVec
+	issued   prometheus.Counter
+	failures *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+	failing  prometheus.Gauge
+
+	mu         sync.Mutex
+	failingIDs map[spiffeid.ID]struct{}
 }
 
 // NewMetrics registers the agent's metrics with reg.
@@ -38,12 +42,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Time from key generation to a checked answer from the CA, by result.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 10),
 		}, []string{"result"}),
-		lastError: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "meshid_agent_failing",
-			Help: "1 while the last request for an identity failed.",
-		}, []string{"spiffe_id"}),
+		// A count, not a series per identity: alerts need "any failing on
+		// this node", the log says which, and a node agent's series stay
+		// one per identity (the expiry).
+		failing: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meshid_agent_identities_failing",
+			Help: "Identities whose last certificate request failed.",
+		}),
+		failingIDs: map[spiffeid.ID]struct{}{},
 	}
-	reg.MustRegister(m.expiry, m.issued, m.failures, m.latency, m.lastError)
+	reg.MustRegister(m.expiry, m.issued, m.failures, m.latency, m.failing)
 	return m
 }
 
@@ -51,19 +59,30 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 func (m *Metrics) Issued(id spiffeid.ID, svid *SVID, took time.Duration) {
 	m.issued.Inc()
 	m.latency.WithLabelValues("ok").Observe(took.Seconds())
-	m.expiry.WithLabelValues(id.String()).Set(float64(svid.Leaf().NotAfter.Unix()))
-	m.lastError.WithLabelValues(id.String()).Set(0)
+	m.expiry.WithLabelValues(id.String()).Set(float64(svid.NotAfter.Unix()))
+	m.setFailing(id, false)
 }
 
 // Failed records a failed request.
 func (m *Metrics) Failed(id spiffeid.ID, err error, took time.Duration) {
 	m.failures.WithLabelValues(status.Code(err).String()).Inc()
 	m.latency.WithLabelValues("error").Observe(took.Seconds())
-	m.lastError.WithLabelValues(id.String()).Set(1)
+	m.setFailing(id, true)
 }
 
 // Forget drops the series of an identity no longer held.
 func (m *Metrics) Forget(id spiffeid.ID) {
 	m.expiry.DeleteLabelValues(id.String())
-	m.lastError.DeleteLabelValues(id.String())
+	m.setFailing(id, false)
+}
+
+func (m *Metrics) setFailing(id spiffeid.ID, failing bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if failing {
+		m.failingIDs[id] = struct{}{}
+	} else {
+		delete(m.failingIDs, id)
+	}
+	m.failing.Set(float64(len(m.failingIDs)))
 }

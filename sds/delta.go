@@ -13,30 +13,35 @@ import (
 // DeltaSecrets serves incremental SDS: the proxy subscribes and unsubscribes
 // by name, tells on its first request which versions it already has, and
 // gets only resources whose version differs from what it holds.
-func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {
+func (s *Server) DeltaSecrets(gs grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {
 	s.streams.Add(1)
 	defer s.streams.Add(-1)
-	ctx := stream.Context()
-	st := &state{s: s, ctx: ctx}
+	st, err := s.open(gs.Context())
+	if err != nil {
+		return err
+	}
 	defer st.close()
 
-	reqs, recvErr := receive(ctx, stream.Recv)
-
+	// Guarded by st.mu.
 	var (
-		node      string
 		lastNonce string
 		subs      = map[string]bool{}
 		has       = map[string]string{} // name → version the proxy holds (or was sent)
 	)
-	send := func() error {
-		rs, err := st.build(slices.Sorted(maps.Keys(subs)))
+	st.send = func() error {
+		w, node := st.current()
+		st.mu.Lock()
+		names := slices.Sorted(maps.Keys(subs))
+		held := maps.Clone(has)
+		st.mu.Unlock()
+		rs, err := s.build(w, names)
 		if err != nil {
 			s.log.Error("sds: building secrets", "node", node, "error", err)
 			return status.Error(codes.Internal, "sds: cannot build secrets")
 		}
 		resp := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: SecretType}
 		for _, r := range rs {
-			if has[r.name] == r.version {
+			if held[r.name] == r.version {
 				continue
 			}
 			resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: r.name, Version: r.version, Resource: r.any})
@@ -46,20 +51,26 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 		}
 		resp.Nonce = s.nonce()
 		resp.SystemVersionInfo = versionOf(rs)
-		if err := stream.Send(resp); err != nil {
+		if err := gs.Send(resp); err != nil {
 			return err
 		}
+		st.mu.Lock()
 		for _, r := range resp.Resources {
-			has[r.Name] = r.Version
+			if subs[r.Name] { // not unsubscribed meanwhile
+				has[r.Name] = r.Version
+			}
 		}
 		lastNonce = resp.Nonce
+		st.mu.Unlock()
 		return nil
 	}
-	return serveLoop(st, reqs, recvErr, send, func(req *discoveryv3.DeltaDiscoveryRequest) error {
-		if node == "" && req.GetNode() != nil {
-			node = req.GetNode().GetId()
-		}
-		if d := req.GetErrorDetail(); d != nil && req.GetResponseNonce() == lastNonce {
+	return serve(st, gs.Recv, func(req *discoveryv3.DeltaDiscoveryRequest) error {
+		st.setNode(req.GetNode())
+		_, node := st.current()
+		st.mu.Lock()
+		nonce := lastNonce
+		st.mu.Unlock()
+		if d := req.GetErrorDetail(); d != nil && req.GetResponseNonce() == nonce {
 			// NACK: the proxy keeps what it had; what it refused is
 			// not sent again until it changes.
 			s.log.Warn("sds: proxy rejected secrets", "node", node, "error", d.GetMessage())
@@ -67,6 +78,7 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 		if err := checkNames(req.GetTypeUrl(), req.GetResourceNamesSubscribe()); err != nil {
 			return err
 		}
+		st.mu.Lock()
 		for name, v := range req.GetInitialResourceVersions() {
 			has[name] = v
 		}
@@ -77,6 +89,12 @@ func (s *Server) DeltaSecrets(stream grpc.BidiStreamingServer[discoveryv3.DeltaD
 			delete(subs, name)
 			delete(has, name)
 		}
-		return st.need(slices.Collect(maps.Keys(subs)))
+		names := slices.Collect(maps.Keys(subs))
+		st.mu.Unlock()
+		if err := st.need(names); err != nil {
+			return err
+		}
+		st.kick()
+		return nil
 	})
 }

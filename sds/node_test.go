@@ -181,9 +181,11 @@ func TestNodeModeForgetsAndClosesOnExpiry(t *testing.T) {
 	}
 	// The token lives 2s: the stream is then closed for the proxy to come
 	// back with a fresh token, and the identity no stream uses is forgotten.
+	// gRPC answers a stream its server ends while the handler reads with
+	// Canceled; the proxy reconnects whatever the code.
 	_, err = s.Recv()
-	if status.Code(err) != codes.Unauthenticated {
-		t.Fatalf("stream after token expiry: %v, want Unauthenticated", err)
+	if status.Code(err) != codes.Canceled {
+		t.Fatalf("stream after token expiry: %v, want it closed (Canceled)", err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for len(f.manager.Identities()) != 0 {

@@ -8,9 +8,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,7 +49,8 @@ type Resolver interface {
 // Bundle is the trust bundle served as ROOTCA; *agent.Bundle is one.
 type Bundle interface {
 	Roots() []*x509.Certificate
-	Changed() <-chan struct{}
+	// OnChange calls f at every change until stop; f must return at once.
+	OnChange(f func()) (stop func())
 }
 
 // Server serves Envoy's SecretDiscoveryService.
@@ -69,7 +72,7 @@ func New(resolver Resolver, bundle Bundle, log *slog.Logger) *Server {
 	return &Server{resolver: resolver, bundle: bundle, log: log}
 }
 
-// Register adds the service to g.
+// Register adds the service to g, which must be made with ServerOptions.
 func (s *Server) Register(g *grpc.Server) {
 	secretv3.RegisterSecretDiscoveryServiceServer(g, s)
 }
@@ -92,61 +95,199 @@ func checkNames(typeURL string, names []string) error {
 	return nil
 }
 
-// state is what a stream may see: its workload (resolved on first need)
-// and the bundle.
-type state struct {
-	s        *Server
-	ctx      context.Context
-	workload *agent.Handle
-	expired  <-chan time.Time // fires when the token that proved the workload expires
-}
-
-func (st *state) close() {
-	if st.workload != nil {
-		st.workload.Release()
-	}
-}
-
-// need resolves the workload if names include it.
-func (st *state) need(names []string) error {
-	if st.workload != nil || !slices.Contains(names, WorkloadCertName) {
-		return nil
-	}
-	w, err := st.s.resolver.Resolve(st.ctx)
-	if err != nil {
-		return err
-	}
-	st.workload = w
-	if until := w.Until(); !until.IsZero() {
-		st.expired = time.After(time.Until(until))
-	}
-	return nil
-}
-
 // errTokenExpired ends a stream whose token expired: the proxy reconnects
 // with the fresh token kubelet has written meanwhile.
 var errTokenExpired = status.Error(codes.Unauthenticated, "sds: the stream's token expired; reconnect with a fresh one")
 
-// changes returns channels closed at the next change of what the stream sees.
-func (st *state) changes() (workload, bundle <-chan struct{}) {
-	if st.workload != nil {
-		workload = st.workload.Changed()
+// stream is one open SDS stream. Its handler's goroutine reads requests;
+// what the proxy must be sent is sent by a short-lived goroutine started
+// when something changes (at most one per stream at a time). An idle
+// stream so holds one goroutine, parked in Recv, however many streams a
+// node agent serves. A push that fails, or the expiry of the stream's
+// token, ends the stream through its context (see ServerOptions).
+type stream struct {
+	s      *Server
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	send   func() error // sends what changed; never runs twice at once
+	pushes sync.WaitGroup
+
+	mu        sync.Mutex // after the workload's and the bundle's locks, never before
+	node      string
+	workload  *agent.Handle // resolved on first need
+	stopWatch []func()
+	expiry    *time.Timer // ends the stream when the token that proved the workload expires
+	pushing   bool
+	again     bool
+	closed    bool
+}
+
+func (s *Server) open(ctx context.Context) (*stream, error) {
+	cancel, ok := ctx.Value(streamCancelKey{}).(context.CancelCauseFunc)
+	if !ok {
+		s.log.Error("sds: the gRPC server was not made with sds.ServerOptions")
+		return nil, status.Error(codes.Internal, "sds: server misconfigured")
 	}
-	return workload, st.s.bundle.Changed()
+	st := &stream{s: s, ctx: ctx, cancel: cancel}
+	st.stopWatch = append(st.stopWatch, s.bundle.OnChange(st.kick))
+	return st, nil
+}
+
+// close stops the stream's watches, waits for a push under way (made to
+// give up) and releases its workload.
+func (st *stream) close() {
+	st.mu.Lock()
+	st.closed = true
+	stops, expiry, w := st.stopWatch, st.expiry, st.workload
+	st.mu.Unlock()
+	for _, stop := range stops {
+		stop()
+	}
+	if expiry != nil {
+		expiry.Stop()
+	}
+	st.cancel(context.Canceled)
+	st.pushes.Wait()
+	if w != nil {
+		w.Release()
+	}
+}
+
+// kick has the stream's send run once more, soon, on its own goroutine.
+// It runs from watch callbacks, so it must not block.
+func (st *stream) kick() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		return
+	}
+	if st.pushing {
+		st.again = true
+		return
+	}
+	st.pushing = true
+	st.pushes.Add(1)
+	go st.push()
+}
+
+func (st *stream) push() {
+	defer st.pushes.Done()
+	for {
+		if err := st.send(); err != nil {
+			st.cancel(err) // the handler's Recv returns, and the handler with err
+			st.mu.Lock()
+			st.pushing = false
+			st.mu.Unlock()
+			return
+		}
+		st.mu.Lock()
+		if !st.again {
+			st.pushing = false
+			st.mu.Unlock()
+			return
+		}
+		st.again = false
+		st.mu.Unlock()
+	}
+}
+
+// serve reads requests until the stream ends, handing each to handle.
+func serve[T any](st *stream, recv func() (T, error), handle func(T) error) error {
+	for {
+		req, err := recv()
+		if err != nil {
+			if cause := context.Cause(st.ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+				// Ended by the server: the token expired, or a push
+				// failed. gRPC has told the proxy Canceled already.
+				_, node := st.current()
+				if cause == errTokenExpired {
+					st.s.log.Info("sds: stream closed: its token expired", "node", node)
+				} else {
+					st.s.log.Warn("sds: stream closed: a push failed", "node", node, "error", cause)
+				}
+				return cause
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
+				return nil
+			}
+			return err
+		}
+		if err := handle(req); err != nil {
+			return err
+		}
+	}
+}
+
+func (st *stream) setNode(n *corev3.Node) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.node == "" && n != nil {
+		st.node = n.GetId()
+	}
+}
+
+// current returns what a push needs of the shared state.
+func (st *stream) current() (*agent.Handle, string) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.workload, st.node
+}
+
+// need resolves the workload if names include it. It runs on the
+// handler's goroutine only.
+func (st *stream) need(names []string) error {
+	if w, _ := st.current(); w != nil || !slices.Contains(names, WorkloadCertName) {
+		return nil
+	}
+	w, err := onOwnStack(func() (*agent.Handle, error) { return st.s.resolver.Resolve(st.ctx) })
+	if err != nil {
+		return err
+	}
+	stop := w.OnChange(st.kick)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.workload = w
+	st.stopWatch = append(st.stopWatch, stop)
+	if until := w.Until(); !until.IsZero() {
+		st.expiry = time.AfterFunc(time.Until(until), func() { st.cancel(errTokenExpired) })
+	}
+	return nil
+}
+
+// onOwnStack runs f on a goroutine of its own and waits for it. Checking a
+// token (signatures, a TokenReview) grows a stack to tens of kilobytes; run
+// by a stream's handler, that stack would stay with the stream for its
+// whole life, and the runtime would start new goroutines at the grown
+// average size.
+func onOwnStack[T any](f func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := f()
+		done <- result{v, err}
+	}()
+	r := <-done
+	return r.v, r.err
 }
 
 // secret builds resource name at its current version; nil when there is
 // none yet (no certificate).
-func (st *state) secret(name string) (*tlsv3.Secret, string, error) {
+func (s *Server) secret(w *agent.Handle, name string) (*tlsv3.Secret, string, error) {
 	switch name {
 	case WorkloadCertName:
-		svid := st.workload.SVID()
+		if w == nil {
+			return nil, "", nil
+		}
+		svid := w.SVID()
 		if svid == nil {
 			return nil, "", nil
 		}
 		return workloadSecret(svid)
 	case RootCertName:
-		return rootSecret(st.s.bundle.Roots())
+		return rootSecret(s.bundle.Roots())
 	}
 	return nil, "", fmt.Errorf("sds: unknown resource %q", name)
 }
@@ -159,7 +300,7 @@ func workloadSecret(svid *agent.SVID) (*tlsv3.Secret, string, error) {
 			PrivateKey:       inline(svid.KeyPEM()),
 		}},
 	}
-	return sec, svid.Leaf().SerialNumber.Text(16), nil
+	return sec, svid.Serial.Text(16), nil
 }
 
 func rootSecret(roots []*x509.Certificate) (*tlsv3.Secret, string, error) {
@@ -194,10 +335,10 @@ type resource struct {
 
 // build returns the named resources that exist now. Every secret is checked
 // with go-control-plane's Validate before it can be sent.
-func (st *state) build(names []string) ([]resource, error) {
+func (s *Server) build(w *agent.Handle, names []string) ([]resource, error) {
 	var out []resource
 	for _, name := range names {
-		sec, version, err := st.secret(name)
+		sec, version, err := s.secret(w, name)
 		if err != nil {
 			return nil, err
 		}
@@ -225,73 +366,25 @@ func versionOf(rs []resource) string {
 	return fmt.Sprint(parts)
 }
 
-// receive reads a stream's requests in the background, so the serving loop
-// can wait on them and on secret changes at once.
-func receive[T any](ctx context.Context, recv func() (T, error)) (<-chan T, <-chan error) {
-	reqs := make(chan T)
-	errc := make(chan error, 1)
-	go func() {
-		for {
-			req, err := recv()
-			if err != nil {
-				errc <- err
-				return
-			}
-			select {
-			case reqs <- req:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	return reqs, errc
-}
-
-// serveLoop sends what changed and handles the stream's requests until it
-// ends: the client goes away, or the token that proved the workload expires.
-func serveLoop[T any](st *state, reqs <-chan T, recvErr <-chan error, send func() error, handle func(T) error) error {
-	for {
-		// Take the change channels before comparing what is current with
-		// what was sent: a change in between then still wakes us.
-		wch, bch := st.changes()
-		if err := send(); err != nil {
-			return err
-		}
-		select {
-		case err := <-recvErr:
-			if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
-				return nil
-			}
-			return err
-		case <-st.ctx.Done():
-			return nil
-		case <-st.expired:
-			return errTokenExpired
-		case req := <-reqs:
-			if err := handle(req); err != nil {
-				return err
-			}
-		case <-wch:
-		case <-bch:
-		}
-	}
-}
-
 // FetchSecrets answers one request with the current secrets.
 func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
-	if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
+	names := req.GetResourceNames()
+	if err := checkNames(req.GetTypeUrl(), names); err != nil {
 		return nil, err
 	}
-	st := &state{s: s, ctx: ctx}
-	defer st.close()
-	if err := st.need(req.GetResourceNames()); err != nil {
-		return nil, err
+	var w *agent.Handle
+	if slices.Contains(names, WorkloadCertName) {
+		var err error
+		if w, err = s.resolver.Resolve(ctx); err != nil {
+			return nil, err
+		}
+		defer w.Release()
 	}
-	rs, err := st.build(req.GetResourceNames())
+	rs, err := s.build(w, names)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if len(rs) < len(req.GetResourceNames()) {
+	if len(rs) < len(names) {
 		return nil, status.Error(codes.Unavailable, "sds: no certificate yet")
 	}
 	return s.response(rs), nil
@@ -309,23 +402,29 @@ func (s *Server) response(rs []resource) *discoveryv3.DiscoveryResponse {
 // resource name (several are accepted), the node on the first request, an
 // ACK or NACK for every response by nonce, and a new response pushed as soon
 // as a served secret changes.
-func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]) error {
+func (s *Server) StreamSecrets(gs grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]) error {
 	s.streams.Add(1)
 	defer s.streams.Add(-1)
-	ctx := stream.Context()
-	st := &state{s: s, ctx: ctx}
+	st, err := s.open(gs.Context())
+	if err != nil {
+		return err
+	}
 	defer st.close()
 
-	reqs, recvErr := receive(ctx, stream.Recv)
-
+	// Guarded by st.mu: the handler writes names, pushes write the rest.
 	var (
 		names     []string
-		node      string
 		lastNonce string
 		sent      string // version of the last response
+		force     bool   // answer even if the version was sent already
 	)
-	send := func() error {
-		rs, err := st.build(names)
+	st.send = func() error {
+		w, node := st.current()
+		st.mu.Lock()
+		want, was, again := names, sent, force
+		force = false
+		st.mu.Unlock()
+		rs, err := s.build(w, want)
 		if err != nil {
 			s.log.Error("sds: building secrets", "node", node, "error", err)
 			return status.Error(codes.Internal, "sds: cannot build secrets")
@@ -334,41 +433,48 @@ func (s *Server) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.Disco
 			return nil // nothing to serve yet; pushed when it arrives
 		}
 		v := versionOf(rs)
-		if v == sent {
+		if v == was && !again {
 			return nil
 		}
 		resp := s.response(rs)
-		if err := stream.Send(resp); err != nil {
+		if err := gs.Send(resp); err != nil {
 			return err
 		}
+		st.mu.Lock()
 		sent, lastNonce = v, resp.Nonce
-		s.log.Debug("sds: pushed", "node", node, "resources", names, "version", v)
+		st.mu.Unlock()
+		s.log.Debug("sds: pushed", "node", node, "resources", want, "version", v)
 		return nil
 	}
-	return serveLoop(st, reqs, recvErr, send, func(req *discoveryv3.DiscoveryRequest) error {
-		if node == "" && req.GetNode() != nil {
-			node = req.GetNode().GetId()
-		}
-		if n := req.GetResponseNonce(); n != "" && n != lastNonce {
+	return serve(st, gs.Recv, func(req *discoveryv3.DiscoveryRequest) error {
+		st.setNode(req.GetNode())
+		_, node := st.current()
+		st.mu.Lock()
+		nonce, held := lastNonce, names
+		st.mu.Unlock()
+		if n := req.GetResponseNonce(); n != "" && n != nonce {
 			return nil // an answer to an older response: superseded
 		}
 		if d := req.GetErrorDetail(); d != nil {
 			// A NACK: Envoy keeps what it had. Sending the same again
 			// would be refused again, so wait for a change.
-			s.log.Warn("sds: proxy rejected secrets", "node", node, "resources", names, "error", d.GetMessage())
+			s.log.Warn("sds: proxy rejected secrets", "node", node, "resources", held, "error", d.GetMessage())
 			return nil
 		}
 		if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
 			return err
 		}
-		if req.GetResponseNonce() != "" && slices.Equal(req.GetResourceNames(), names) {
+		if req.GetResponseNonce() != "" && slices.Equal(req.GetResourceNames(), held) {
 			return nil // ACK of what we sent
 		}
-		names = slices.Clone(req.GetResourceNames())
-		if err := st.need(names); err != nil {
+		want := slices.Clone(req.GetResourceNames())
+		if err := st.need(want); err != nil {
 			return err
 		}
-		sent = "" // a new or changed subscription gets an answer, at the loop's top
+		st.mu.Lock()
+		names, force = want, true // a new or changed subscription gets an answer
+		st.mu.Unlock()
+		st.kick()
 		return nil
 	})
 }

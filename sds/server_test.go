@@ -72,7 +72,7 @@ func serveSDS(t testing.TB, srv *sds.Server, name string, mode os.FileMode) (str
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer()
+	g := grpc.NewServer(sds.ServerOptions()...)
 	srv.Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)
@@ -403,5 +403,44 @@ func TestStreamReconnect(t *testing.T) {
 	}
 	if got.VersionInfo != resp.VersionInfo || len(got.Resources) != 1 {
 		t.Fatalf("reconnected stream got version %s with %d resources, want %s", got.VersionInfo, len(got.Resources), resp.VersionInfo)
+	}
+}
+
+// TestServerNeedsItsOptions: a gRPC server made without ServerOptions
+// cannot end its streams, so the service refuses to serve on it rather
+// than keep streams past their token.
+func TestServerNeedsItsOptions(t *testing.T) {
+	c := catest.New(t)
+	m, err := agent.NewManager(agent.Config{Signer: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil)
+	dir, err := os.MkdirTemp("", "sds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	lis, err := sds.Listen(filepath.Join(dir, "socket"), 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.Register(g)
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	conn, err := grpc.NewClient("unix://"+filepath.Join(dir, "socket"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := secretv3.NewSecretDiscoveryServiceClient(conn).StreamSecrets(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream.Send(&discoveryv3.DiscoveryRequest{ResourceNames: []string{sds.RootCertName}, TypeUrl: sds.SecretType})
+	if _, err := stream.Recv(); status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "misconfigured") {
+		t.Fatalf("stream on a server without ServerOptions: %v, want Internal (misconfigured)", err)
 	}
 }

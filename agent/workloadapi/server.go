@@ -87,7 +87,7 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		if svid := w.SVID(); svid != nil {
 			resp := &workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
 				SpiffeId:    svid.ID.String(),
-				X509Svid:    concatDER(svid.Certificates),
+				X509Svid:    svid.ChainDER(),
 				X509SvidKey: svid.KeyDER(),
 				Bundle:      concatDER(s.bundle.Roots()),
 			}}}

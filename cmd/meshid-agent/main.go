@@ -15,6 +15,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -48,6 +49,9 @@ and SPIFFE-aware applications (Workload API), renewing it at half life.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.complete(); err != nil {
 				return err
+			}
+			if _, set := os.LookupEnv("GOGC"); !set {
+				debug.SetGCPercent(o.gcPercent)
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -144,14 +148,7 @@ func run(ctx context.Context, o *options) error {
 		if err != nil {
 			return err
 		}
-		g := grpc.NewServer(
-			grpc.MaxRecvMsgSize(1<<20),
-			// A node agent holds one connection per proxy, mostly idle:
-			// small buffers, and the write buffer only while writing.
-			grpc.ReadBufferSize(4<<10),
-			grpc.WriteBufferSize(4<<10),
-			grpc.SharedWriteBuffer(true),
-		)
+		g := grpc.NewServer(sds.ServerOptions()...)
 		for _, r := range register {
 			r(g)
 		}

@@ -48,6 +48,7 @@ type options struct {
 	logFormat      string
 	logLevel       string
 	profiling      bool
+	gcPercent      int
 
 	// Filled in by complete.
 	td    spiffeid.TrustDomain
@@ -80,6 +81,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.certTTL, "cert-ttl", time.Hour, "certificate lifetime asked of the CA (it may clamp it)")
 	fs.Float64Var(&o.rotationJitter, "rotation-jitter", 0.1, "renewal happens at half life ± this fraction of the lifetime")
 	fs.DurationVar(&o.requestTimeout, "ca-timeout", 10*time.Second, "timeout of one certificate request")
+	fs.IntVar(&o.gcPercent, "gc-percent", 50, "Go garbage collector target (as GOGC, which overrides it when set); a node agent runs on every node and allocates little between rotations, so a tighter target keeps its memory small for almost no CPU")
 	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's pprof profiles under /debug/pprof/ on --http-addr")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -141,6 +143,9 @@ func (o *options) complete() error {
 	}
 	if o.requestTimeout <= 0 {
 		bad("--ca-timeout must be positive")
+	}
+	if o.gcPercent <= 0 {
+		bad("--gc-percent must be positive, got %d", o.gcPercent)
 	}
 	if o.socketMode&^0o777 != 0 {
 		bad("--socket-mode must be a permission mode like 0660")

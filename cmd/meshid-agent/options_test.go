@@ -46,6 +46,7 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--namespace=a", "--service-account=b", "--socket-mode=01777"}, "--socket-mode"},
 		{[]string{"--namespace=a", "--service-account=b", "--ca-addr="}, "--ca-addr and --ca-root-file are required"},
 		{[]string{"--namespace=a", "--service-account=b", "--log-level=loud"}, "--log-level"},
+		{[]string{"--namespace=a", "--service-account=b", "--gc-percent=0"}, "--gc-percent must be positive"},
 	} {
 		_, err := parse(t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
