@@ -27,11 +27,23 @@ import (
 )
 
 // BenchmarkAgentNodeMemory measures meshid-agent's memory in node mode, as
-// a process, for 1000 identities each with one open SDS stream, against
-// the same agent holding one. Run with -benchtime=1x; reported: the growth
-// of its resident set, of its Go heap in use and of its goroutine stacks,
-// per 1000 identities.
+// a process, for 1000 identities with one open SDS stream each, against the
+// same agent holding one: with one connection per proxy, as on a node, and
+// with the streams multiplexed over 10 connections, where gRPC's cost per
+// connection all but vanishes. In the same run it measures the gRPC floor
+// the same way: a bare SDS server with the agent's gRPC settings serving
+// one canned secret (serveSDSFloor), so the agent's own cost shows apart
+// from gRPC's. Run with -benchtime=1x. Reported per 1000 identities: the
+// growth of the agent's resident set, Go heap in use and goroutine stacks;
+// the same for the floor; and the agent's resident set growth beyond the
+// floor's.
 func BenchmarkAgentNodeMemory(b *testing.B) {
+	for _, conns := range []int{1000, 10} {
+		b.Run(fmt.Sprintf("connections=%d", conns), func(b *testing.B) { benchmarkAgentNodeMemory(b, conns) })
+	}
+}
+
+func benchmarkAgentNodeMemory(b *testing.B, conns int) {
 	const identities = 1000
 	dir := b.TempDir()
 	stateDir := filepath.Join(dir, "state")
@@ -44,6 +56,18 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer os.RemoveAll(sockDir)
+
+	// The floor first, then the agent; each on its own socket.
+	floorSocket := filepath.Join(sockDir, "floor")
+	floorHTTP := fmt.Sprintf("127.0.0.1:%d", freeTCPPort(b))
+	floor := exec.Command(os.Args[0])
+	floor.Env = append(os.Environ(), floorEnv+"="+floorSocket+","+floorHTTP)
+	floor.Stderr = os.Stderr
+	if err := floor.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { floor.Process.Kill(); floor.Wait() }()
+
 	socket := filepath.Join(sockDir, "socket")
 	httpAddr := fmt.Sprintf("127.0.0.1:%d", freeTCPPort(b))
 	cmd := exec.Command(filepath.Join(binDir, "meshid-agent"), "--mode=node",
@@ -56,24 +80,27 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 	}
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
 
+	tokens := make([]string, identities+1)
+	for i := range tokens {
+		tokens[i], err = issuer.Token(satoken.Claims{Namespace: "bench", ServiceAccount: fmt.Sprintf("sa-%d", i), Audiences: []string{"istio-ca"}})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conns := make([]secretv3.SecretDiscoveryServiceClient, identities+1) // one connection per proxy, as on a node
-	for i := range conns {
-		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
+	clients := map[string][]secretv3.SecretDiscoveryServiceClient{}
+	open := func(socket string, i int) {
+		if len(clients[socket]) < conns {
+			conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { conn.Close() })
+			clients[socket] = append(clients[socket], secretv3.NewSecretDiscoveryServiceClient(conn))
 		}
-		defer conn.Close()
-		conns[i] = secretv3.NewSecretDiscoveryServiceClient(conn)
-	}
-	open := func(i int) {
-		tok, err := issuer.Token(satoken.Claims{Namespace: "bench", ServiceAccount: fmt.Sprintf("sa-%d", i), Audiences: []string{"istio-ca"}})
-		if err != nil {
-			b.Fatal(err)
-		}
-		sctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
-		stream, err := conns[i%len(conns)].StreamSecrets(sctx, grpc.WaitForReady(true))
+		sctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tokens[i])
+		stream, err := clients[socket][i%len(clients[socket])].StreamSecrets(sctx, grpc.WaitForReady(true))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -86,35 +113,73 @@ func BenchmarkAgentNodeMemory(b *testing.B) {
 		}
 		stream.Send(&discoveryv3.DiscoveryRequest{VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType})
 	}
-	open(0)
+
+	waitHTTP(b, floorHTTP)
+	open(floorSocket, 0)
+	frss0, fheap0, fstack0 := agentMemory(b, floor.Process.Pid, floorHTTP)
+	for i := 1; i <= identities; i++ {
+		open(floorSocket, i)
+	}
+	frss1, fheap1, fstack1 := agentMemory(b, floor.Process.Pid, floorHTTP)
+	floorGrowth := frss1 - frss0
+
+	open(socket, 0)
 	rss0, heap0, stack0 := agentMemory(b, cmd.Process.Pid, httpAddr)
 	b.ResetTimer()
 	for range b.N {
 		for i := 1; i <= identities; i++ {
-			open(i)
+			open(socket, i)
 		}
 	}
 	b.StopTimer()
 	rss1, heap1, stack1 := agentMemory(b, cmd.Process.Pid, httpAddr)
 	if path := os.Getenv("MESHID_AGENT_HEAP_PROFILE"); path != "" {
-		resp, err := http.Get("http://" + httpAddr + "/debug/pprof/heap?gc=1")
-		if err != nil {
-			b.Fatal(err)
-		}
-		out, _ := os.Create(path)
-		io.Copy(out, resp.Body)
-		out.Close()
-		resp.Body.Close()
+		saveProfile(b, "http://"+httpAddr+"/debug/pprof/heap?gc=1", path)
+		saveProfile(b, "http://"+httpAddr+"/debug/pprof/goroutine?debug=1", path+".goroutines.txt")
 	}
-	b.ReportMetric(float64(rss1-rss0)/(1<<20), "RSS-MB/1000-identities")
-	b.ReportMetric(float64(heap1-heap0)/(1<<20), "heap-MB/1000-identities")
-	b.ReportMetric(float64(stack1-stack0)/(1<<20), "stack-MB/1000-identities")
-	b.ReportMetric(float64(rss1)/(1<<20), "RSS-MB-total")
+	const mb = 1 << 20
+	b.ReportMetric(float64(rss1-rss0)/mb, "RSS-MB/1000-identities")
+	b.ReportMetric(float64(heap1-heap0)/mb, "heap-MB/1000-identities")
+	b.ReportMetric(float64(stack1-stack0)/mb, "stack-MB/1000-identities")
+	b.ReportMetric(float64(floorGrowth)/mb, "floor-RSS-MB/1000-identities")
+	b.ReportMetric(float64(fheap1-fheap0)/mb, "floor-heap-MB/1000-identities")
+	b.ReportMetric(float64(fstack1-fstack0)/mb, "floor-stack-MB/1000-identities")
+	b.ReportMetric(float64(rss1-rss0-floorGrowth)/mb, "beyond-floor-MB/1000-identities")
+	b.ReportMetric(float64(rss1)/mb, "RSS-MB-total")
 }
 
-// agentMemory reads the process's resident set from /proc and its Go heap
-// in use from its /metrics.
-func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap, stack int64) {
+// waitHTTP waits until something answers at addr.
+func waitHTTP(b *testing.B, addr string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/")
+		if err == nil {
+			resp.Body.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("nothing answers at %s: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval
+	}
+}
+
+func saveProfile(b *testing.B, url, path string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer out.Close()
+	io.Copy(out, resp.Body)
+}
+
+// processRSS reads a process's resident set from /proc.
+func processRSS(b *testing.B, pid int) int64 {
 	b.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -125,9 +190,18 @@ func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap, stack int64
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
 			kb, _ := strconv.ParseInt(strings.Fields(v)[0], 10, 64)
-			rss = kb << 10
+			return kb << 10
 		}
 	}
+	b.Fatalf("no VmRSS for process %d", pid)
+	return 0
+}
+
+// agentMemory reads the process's resident set from /proc and its Go heap
+// and stacks in use from its /metrics.
+func agentMemory(b *testing.B, pid int, httpAddr string) (rss, heap, stack int64) {
+	b.Helper()
+	rss = processRSS(b, pid)
 	resp, err := http.Get("http://" + httpAddr + "/metrics")
 	if err != nil {
 		b.Fatal(err)

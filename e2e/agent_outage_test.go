@@ -118,7 +118,7 @@ func TestAgentCAOutage(t *testing.T) {
 	p.Stop(t)
 	// Wait for the agent to notice: its renewal (at about 3s of 6s) fails.
 	deadline := time.Now().Add(10 * time.Second)
-	for a.metric(t, `meshid_agent_failing{spiffe_id="spiffe://cluster.local/ns/shop/sa/web"}`) != 1 {
+	for a.metric(t, `meshid_agent_identities_failing`) != 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the agent never reported the CA failing")
 		}

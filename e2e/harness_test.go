@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -34,6 +35,14 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	if v := os.Getenv(floorEnv); v != "" {
+		socket, httpAddr, _ := strings.Cut(v, ",")
+		if err := serveSDSFloor(socket, httpAddr); err != nil {
+			fmt.Fprintln(os.Stderr, "floor:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(buildAndRun(m))
 }
 
