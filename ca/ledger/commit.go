@@ -1,0 +1,301 @@
+package ledger
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// pending is one Record call waiting for its commit.
+type pending struct {
+	r    Record
+	done chan error // buffered: the loop never waits for a caller that left
+}
+
+var errClosed = fmt.Errorf("%w: the ledger is closed", ErrUnavailable)
+
+// Record stores r durably and returns once it is committed, or with an error
+// wrapping ErrUnavailable if the database failed. A record that is not valid
+// (serial, SPIFFE ID, times) is refused with an error that does not wrap
+// ErrUnavailable, and nothing is written.
+//
+// If ctx ends first, Record returns ctx's error, and r may still be
+// committed: a caller that retries the same Record gets nil. A serial
+// already recorded for a different certificate is refused for that record
+// alone; the others committed with it are unaffected.
+func (l *Ledger) Record(ctx context.Context, r Record) error {
+	r, err := normalize(r)
+	if err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	p := &pending{r: r, done: make(chan error, 1)}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return errClosed
+	}
+	l.queue = append(l.queue, p)
+	l.mu.Unlock()
+	l.cond.Signal()
+	select {
+	case err := <-p.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// commitLoop commits batches until the ledger is closed and its queue empty.
+// A batch is whatever queued while the previous commit ran, so a lone
+// record is committed at once and a crowd shares one fsync.
+func (l *Ledger) commitLoop() {
+	defer close(l.loopDone)
+	for {
+		batch := l.next()
+		if batch == nil {
+			return
+		}
+		recs := make([]Record, len(batch))
+		for i, p := range batch {
+			recs[i] = p.r
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
+		start := time.Now()
+		errs, err := l.insert(ctx, recs)
+		cancel()
+		if err != nil {
+			err = unavailable(err)
+			l.log.Error("ledger: commit failed", "records", len(batch), "first_serial", recs[0].Serial, "error", err)
+		} else {
+			l.commits.Add(1)
+			l.records.Add(int64(len(batch)))
+			l.log.Debug("ledger: committed", "records", len(batch), "duration", time.Since(start))
+		}
+		for i, p := range batch {
+			e := err
+			if e == nil {
+				e = errs[i]
+			}
+			if e != nil && err == nil {
+				l.log.Error("ledger: record refused", "serial", p.r.Serial, "spiffe_id", p.r.SPIFFEID, "error", e)
+			}
+			p.done <- e
+		}
+	}
+}
+
+// next waits for queued records and takes up to maxBatch of them; nil means
+// the ledger is closed and nothing is left.
+func (l *Ledger) next() []*pending {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for len(l.queue) == 0 && !l.closed {
+		l.cond.Wait()
+	}
+	n := min(len(l.queue), l.maxBatch)
+	if n == 0 {
+		return nil
+	}
+	batch := l.queue[:n:n]
+	l.queue = l.queue[n:]
+	if len(l.queue) == 0 {
+		l.queue = nil
+	}
+	return batch
+}
+
+// rowsPerInsert keeps one INSERT's parameters (13 per row) well below the
+// limits of SQLite (32766) and PostgreSQL (65535).
+const rowsPerInsert = 500
+
+const certColumns = "serial, spiffe_id, namespace, service_account, pod_name, pod_uid, cluster_id, public_key_sha256, not_before, not_after, issuer_fingerprint, auth_method, issued_at"
+
+func (l *Ledger) certArgs(args []any, r *Record) []any {
+	return append(args, r.Serial, r.SPIFFEID, r.Namespace, r.ServiceAccount, r.PodName, r.PodUID, r.ClusterID,
+		r.PublicKeySHA256, l.d.timeArg(r.NotBefore), l.d.timeArg(r.NotAfter), r.IssuerFingerprint, r.AuthMethod, l.d.timeArg(r.IssuedAt))
+}
+
+// values is "(?, ?, …), (…)…": rows groups of cols placeholders.
+func values(rows, cols int) string {
+	row := "(" + strings.Repeat("?, ", cols-1) + "?)"
+	return strings.Repeat(row+", ", rows-1) + row
+}
+
+// insert writes recs and the identities they name in one transaction. err
+// is a database failure, for all of recs; otherwise errs[i] says why recs[i]
+// alone was refused (its serial is recorded for another certificate).
+func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err error) {
+	tx, err := l.w.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+
+	// A serial twice in one batch is inserted once; the copies are then
+	// judged like serials already in the database.
+	first := make(map[string]int, len(recs))
+	unique := make([]*Record, 0, len(recs))
+	for i := range recs {
+		if _, dup := first[recs[i].Serial]; !dup {
+			first[recs[i].Serial] = i
+			unique = append(unique, &recs[i])
+		}
+	}
+	inserted := make(map[string]bool, len(unique))
+	for chunk := range slices.Chunk(unique, rowsPerInsert) {
+		args := make([]any, 0, len(chunk)*13)
+		for _, r := range chunk {
+			args = l.certArgs(args, r)
+		}
+		q := "INSERT INTO certificates (" + certColumns + ") VALUES " + values(len(chunk), 13) +
+			" ON CONFLICT (serial) DO NOTHING RETURNING serial"
+		if err := l.collect(ctx, tx, q, args, inserted); err != nil {
+			return nil, err
+		}
+	}
+	if err := l.upsertIdentities(ctx, tx, unique, inserted); err != nil {
+		return nil, err
+	}
+	stored := make(map[string]Record, len(unique))
+	var missing []string
+	for _, r := range unique {
+		if inserted[r.Serial] {
+			stored[r.Serial] = *r
+		} else {
+			missing = append(missing, r.Serial)
+		}
+	}
+	if len(missing) > 0 {
+		if err := l.fetch(ctx, tx, missing, stored); err != nil {
+			return nil, err
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, err
+	}
+	errs = make([]error, len(recs))
+	for i, r := range recs {
+		if s, ok := stored[r.Serial]; !ok || !sameRecord(s, r) {
+			errs[i] = errorf("record %s: the serial is already recorded for another certificate", r.Serial)
+		}
+	}
+	return errs, nil
+}
+
+// collect runs an INSERT … RETURNING serial and adds the serials to set.
+func (l *Ledger) collect(ctx context.Context, tx *sql.Tx, q string, args []any, set map[string]bool) error {
+	rows, err := tx.QueryContext(ctx, l.d.rebind(q), args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			return err
+		}
+		set[s] = true
+	}
+	return rows.Err()
+}
+
+// upsertIdentities records the identities of the inserted records, in
+// SPIFFE ID order so that replicas writing one PostgreSQL lock rows in the
+// same order and cannot deadlock.
+func (l *Ledger) upsertIdentities(ctx context.Context, tx *sql.Tx, recs []*Record, inserted map[string]bool) error {
+	type span struct {
+		ns, sa      string
+		first, last time.Time
+	}
+	ids := make(map[string]*span)
+	for _, r := range recs {
+		if !inserted[r.Serial] {
+			continue
+		}
+		s, ok := ids[r.SPIFFEID]
+		if !ok {
+			ids[r.SPIFFEID] = &span{ns: r.Namespace, sa: r.ServiceAccount, first: r.IssuedAt, last: r.IssuedAt}
+			continue
+		}
+		if r.IssuedAt.Before(s.first) {
+			s.first = r.IssuedAt
+		}
+		if r.IssuedAt.After(s.last) {
+			s.last = r.IssuedAt
+		}
+	}
+	keys := make([]string, 0, len(ids))
+	for k := range ids {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for chunk := range slices.Chunk(keys, rowsPerInsert) {
+		args := make([]any, 0, len(chunk)*5)
+		for _, k := range chunk {
+			s := ids[k]
+			args = append(args, k, s.ns, s.sa, l.d.timeArg(s.first), l.d.timeArg(s.last))
+		}
+		q := "INSERT INTO identities (spiffe_id, namespace, service_account, first_issued, last_issued) VALUES " + values(len(chunk), 5) +
+			" ON CONFLICT (spiffe_id) DO UPDATE SET" +
+			" first_issued = " + l.d.least + "(identities.first_issued, excluded.first_issued)," +
+			" last_issued = " + l.d.greatest + "(identities.last_issued, excluded.last_issued)"
+		if _, err := tx.ExecContext(ctx, l.d.rebind(q), args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fetch reads the stored records of serials into m.
+func (l *Ledger) fetch(ctx context.Context, tx *sql.Tx, serials []string, m map[string]Record) error {
+	for chunk := range slices.Chunk(serials, rowsPerInsert) {
+		args := make([]any, len(chunk))
+		for i, s := range chunk {
+			args[i] = s
+		}
+		q := "SELECT " + certColumns + " FROM certificates WHERE serial IN (" + strings.TrimSuffix(strings.Repeat("?, ", len(chunk)), ", ") + ")"
+		rows, err := tx.QueryContext(ctx, l.d.rebind(q), args...)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			r, err := scanRecord(rows)
+			if err != nil {
+				rows.Close()
+				return err
+			}
+			m[r.Serial] = r
+		}
+		err = errors.Join(rows.Err(), rows.Close())
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sameRecord reports whether a and b describe the same certificate.
+func sameRecord(a, b Record) bool {
+	return a.Serial == b.Serial && a.SPIFFEID == b.SPIFFEID && a.Namespace == b.Namespace &&
+		a.ServiceAccount == b.ServiceAccount && a.PodName == b.PodName && a.PodUID == b.PodUID &&
+		a.ClusterID == b.ClusterID && a.PublicKeySHA256 == b.PublicKeySHA256 &&
+		a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) &&
+		a.IssuerFingerprint == b.IssuerFingerprint && a.AuthMethod == b.AuthMethod && a.IssuedAt.Equal(b.IssuedAt)
+}
+
+// scanner is *sql.Row or *sql.Rows.
+type scanner interface{ Scan(dest ...any) error }
+
+func scanRecord(s scanner) (Record, error) {
+	var r Record
+	err := s.Scan(&r.Serial, &r.SPIFFEID, &r.Namespace, &r.ServiceAccount, &r.PodName, &r.PodUID, &r.ClusterID,
+		&r.PublicKeySHA256, timeCol{&r.NotBefore}, timeCol{&r.NotAfter}, &r.IssuerFingerprint, &r.AuthMethod, timeCol{&r.IssuedAt})
+	return r, err
+}

@@ -1,0 +1,230 @@
+package ledger
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Filter selects certificates. Zero fields do not filter.
+type Filter struct {
+	SPIFFEID       string
+	Namespace      string
+	PodName        string
+	Serial         string
+	IssuedSince    time.Time
+	ExpiringWithin time.Duration // > 0: only certificates still valid at Now whose NotAfter <= Now+ExpiringWithin
+	ValidOnly      bool          // only certificates valid at Now
+	Now            time.Time     // required when ExpiringWithin or ValidOnly is set
+	Limit          int           // page size: default 100, at most 1000
+	PageToken      string        // from Page.Next; opaque
+}
+
+// Page is one page of certificates, newest issued first (then serial), and
+// the token of the next page ("" at the end).
+type Page struct {
+	Records []Record
+	Next    string
+}
+
+const (
+	defaultLimit = 100
+	maxLimit     = 1000
+)
+
+// where turns f into SQL conditions and their arguments, and the page size.
+func (l *Ledger) where(f Filter) (conds []string, args []any, limit int, err error) {
+	limit = f.Limit
+	switch {
+	case limit < 0:
+		return nil, nil, 0, errorf("filter: Limit %d is negative", limit)
+	case limit == 0:
+		limit = defaultLimit
+	case limit > maxLimit:
+		return nil, nil, 0, errorf("filter: Limit %d is above %d", limit, maxLimit)
+	}
+	if f.ExpiringWithin < 0 {
+		return nil, nil, 0, errorf("filter: ExpiringWithin %s is negative", f.ExpiringWithin)
+	}
+	if (f.ValidOnly || f.ExpiringWithin > 0) && f.Now.IsZero() {
+		return nil, nil, 0, errorf("filter: ValidOnly and ExpiringWithin need Now")
+	}
+	add := func(cond string, a ...any) {
+		conds = append(conds, cond)
+		args = append(args, a...)
+	}
+	if f.SPIFFEID != "" {
+		add("spiffe_id = ?", f.SPIFFEID)
+	}
+	if f.Namespace != "" {
+		add("namespace = ?", f.Namespace)
+	}
+	if f.PodName != "" {
+		add("pod_name = ?", f.PodName)
+	}
+	if f.Serial != "" {
+		if err := checkSerial(f.Serial); err != nil {
+			return nil, nil, 0, errorf("filter: %v", err)
+		}
+		add("serial = ?", f.Serial)
+	}
+	if !f.IssuedSince.IsZero() {
+		add("issued_at >= ?", l.d.timeArg(f.IssuedSince))
+	}
+	if f.ValidOnly || f.ExpiringWithin > 0 {
+		add("not_before <= ?", l.d.timeArg(f.Now))
+		add("not_after > ?", l.d.timeArg(f.Now))
+	}
+	if f.ExpiringWithin > 0 {
+		add("not_after <= ?", l.d.timeArg(f.Now.Add(f.ExpiringWithin)))
+	}
+	if f.PageToken != "" {
+		c, err := decodeToken(f.PageToken)
+		if err != nil {
+			return nil, nil, 0, err
+		}
+		// A row value: both databases read it off the (…, issued_at,
+		// serial) indexes as one range.
+		add("(issued_at, serial) < (?, ?)", l.d.timeArg(c.issuedAt), c.serial)
+	}
+	return conds, args, limit, nil
+}
+
+// Certificates returns the page of certificates f selects. A bad filter
+// (Limit above 1000, a token this ledger did not make, ValidOnly or
+// ExpiringWithin without Now) is refused with an error that does not wrap
+// ErrUnavailable.
+func (l *Ledger) Certificates(ctx context.Context, f Filter) (Page, error) {
+	conds, args, limit, err := l.where(f)
+	if err != nil {
+		return Page{}, err
+	}
+	q := "SELECT " + certColumns + " FROM certificates"
+	if len(conds) > 0 {
+		q += " WHERE " + strings.Join(conds, " AND ")
+	}
+	// One row more than the page tells whether there is a next page.
+	q += " ORDER BY issued_at DESC, serial DESC LIMIT " + strconv.Itoa(limit+1)
+	rows, err := l.r.QueryContext(ctx, l.d.rebind(q), args...)
+	if err != nil {
+		return Page{}, unavailable(err)
+	}
+	defer rows.Close()
+	var p Page
+	for rows.Next() {
+		r, err := scanRecord(rows)
+		if err != nil {
+			return Page{}, unavailable(err)
+		}
+		p.Records = append(p.Records, r)
+	}
+	if err := rows.Err(); err != nil {
+		return Page{}, unavailable(err)
+	}
+	if len(p.Records) > limit {
+		p.Records = p.Records[:limit]
+		last := p.Records[limit-1]
+		p.Next = encodeToken(cursor{issuedAt: last.IssuedAt, serial: last.Serial})
+	}
+	return p, nil
+}
+
+// Certificate returns the record of one serial, or ErrNotFound.
+func (l *Ledger) Certificate(ctx context.Context, serial string) (Record, error) {
+	if err := checkSerial(serial); err != nil {
+		return Record{}, errorf("certificate: %v", err)
+	}
+	row := l.r.QueryRowContext(ctx, l.d.rebind("SELECT "+certColumns+" FROM certificates WHERE serial = ?"), serial)
+	r, err := scanRecord(row)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return Record{}, ErrNotFound
+	case err != nil:
+		return Record{}, unavailable(err)
+	}
+	return r, nil
+}
+
+// Identities summarises every identity in namespace ("" for all) at now,
+// sorted by SPIFFE ID, including denied identities that have no
+// certificate. It reads the identities table and the certificates still
+// valid at now, never the expired ones.
+func (l *Ledger) Identities(ctx context.Context, namespace string, now time.Time) ([]Identity, error) {
+	if now.IsZero() {
+		return nil, errorf("identities: now is not set")
+	}
+	nsCond, valid := "", ""
+	args := []any{l.d.timeArg(now), l.d.timeArg(now)}
+	if namespace != "" {
+		valid = " AND namespace = ?"
+		nsCond = " WHERE i.namespace = ?"
+		args = append(args, namespace, namespace)
+	}
+	q := `SELECT i.spiffe_id, i.namespace, i.service_account, i.last_issued, COALESCE(v.n, 0), v.soonest
+		FROM identities i
+		LEFT JOIN (
+			SELECT spiffe_id, COUNT(*) AS n, MIN(not_after) AS soonest FROM certificates
+			WHERE not_after > ? AND not_before <= ?` + valid + `
+			GROUP BY spiffe_id
+		) v ON v.spiffe_id = i.spiffe_id` + nsCond + `
+		ORDER BY i.spiffe_id`
+	rows, err := l.r.QueryContext(ctx, l.d.rebind(q), args...)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	defer rows.Close()
+	var ids []Identity
+	for rows.Next() {
+		var id Identity
+		if err := rows.Scan(&id.SPIFFEID, &id.Namespace, &id.ServiceAccount, timeCol{&id.LastIssued}, &id.ValidCerts, timeCol{&id.SoonestExpiry}); err != nil {
+			return nil, unavailable(err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, unavailable(err)
+	}
+	denials, err := l.Denials(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Denials are few: join them here, so that identities never issued a
+	// certificate are listed too.
+	known := make(map[string]int, len(ids))
+	for i := range ids {
+		known[ids[i].SPIFFEID] = i
+	}
+	for _, d := range denials {
+		if i, ok := known[d.SPIFFEID]; ok {
+			ids[i].Denial = &d
+			continue
+		}
+		ns, sa := workload(d.SPIFFEID)
+		if namespace != "" && ns != namespace {
+			continue
+		}
+		ids = append(ids, Identity{SPIFFEID: d.SPIFFEID, Namespace: ns, ServiceAccount: sa, Denial: &d})
+	}
+	slices.SortFunc(ids, func(a, b Identity) int { return strings.Compare(a.SPIFFEID, b.SPIFFEID) })
+	return ids, nil
+}
+
+// workload reads namespace and service account from a SPIFFE ID of the form
+// spiffe://<td>/ns/<ns>/sa/<sa>; "" for other forms.
+func workload(id string) (ns, sa string) {
+	parsed, err := spiffeid.FromString(id)
+	if err != nil {
+		return "", ""
+	}
+	seg := strings.Split(strings.TrimPrefix(parsed.Path(), "/"), "/")
+	if len(seg) != 4 || seg[0] != "ns" || seg[2] != "sa" {
+		return "", ""
+	}
+	return seg[1], seg[3]
+}
