@@ -11,6 +11,7 @@ type Metrics struct {
 	requests     *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
 	issuance     prometheus.Histogram
+	ledgerWrites prometheus.Histogram
 	reloads      *prometheus.CounterVec
 }
 
@@ -31,6 +32,11 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			Help:    "Time to serve a successful CreateCertificate, authentication included.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
+		ledgerWrites: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meshid_ca_ledger_write_duration_seconds",
+			Help:    "Time to record an issued certificate durably in the ledger (batched commits).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_plugin_reloads_total",
 			Help: "Reloads of a plug-in CA after its files changed, by result.",
@@ -49,7 +55,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.reloads,
+	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

@@ -43,8 +43,10 @@ import (
 
 	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/admin"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/internal/satoken"
 )
 
@@ -65,6 +67,8 @@ type env struct {
 	roots    *x509.CertPool
 	addr     string
 	logs     *lockedBuffer
+	ledger   *ledger.Ledger
+	denied   *admin.DenyList
 }
 
 type lockedBuffer struct {
@@ -89,6 +93,7 @@ type envOptions struct {
 	rateLimit rate.Limit
 	rateBurst int
 	noIssuer  bool
+	ledger    Recorder // nil: a SQLite ledger in a temporary directory
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -116,6 +121,16 @@ func newEnv(t *testing.T, o envOptions) *env {
 		authn = &k8sauth.JWKS{Issuer: e.tokens.URL, Audiences: []string{"istio-ca"}, Keys: k8sauth.NewFileKeySet(jwks)}
 	}
 	e.metrics = NewMetrics(e.reg, e.issuers)
+	e.ledger, err = ledger.Open(context.Background(), ledger.Config{Driver: "sqlite", DSN: filepath.Join(t.TempDir(), "ledger.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.ledger.Close() })
+	rec := o.ledger
+	if rec == nil {
+		rec = e.ledger
+	}
+	e.denied = &admin.DenyList{}
 	authority, err := ca.New(ca.Config{Issuers: e.issuers})
 	if err != nil {
 		t.Fatal(err)
@@ -123,6 +138,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	svc, err := NewCertificateService(Config{
 		Authority: authority, Auth: authn, TrustDomain: td,
 		RateLimit: o.rateLimit, RateBurst: o.rateBurst,
+		Ledger: rec, DenyList: e.denied,
 		Metrics: e.metrics, Log: slog.New(slog.NewJSONHandler(e.logs, nil)),
 	})
 	if err != nil {

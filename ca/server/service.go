@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,6 +21,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/csr"
 	"github.com/meshid/meshid/ca/k8sauth"
+	"github.com/meshid/meshid/ca/ledger"
 )
 
 // Messages returned to clients. Short and stable: clients and tests may match
@@ -32,7 +35,21 @@ const (
 	msgImpersonation   = "impersonation is not supported"
 	msgNotReady        = "CA not ready"
 	msgSignFailed      = "signing failed"
+	msgDenied          = "identity denied by an administrator"
+	msgNotRecorded     = "issuance ledger unavailable"
 )
+
+// Recorder keeps the durable record of issued certificates;
+// *ledger.Ledger is one. Record returns once r is committed.
+type Recorder interface {
+	Record(ctx context.Context, r ledger.Record) error
+}
+
+// DenyList says whether an administrator has cut an identity off;
+// *admin.DenyList is one.
+type DenyList interface {
+	Denied(spiffeID string) bool
+}
 
 // Config wires a [CertificateService].
 type Config struct {
@@ -41,9 +58,13 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	RateLimit   rate.Limit // certificates per second per identity; 0 disables
 	RateBurst   int
-	Metrics     *Metrics
-	Log         *slog.Logger
-	Now         func() time.Time // nil means time.Now
+	// Ledger records every certificate before it is returned; when it
+	// cannot, nothing is returned (Unavailable).
+	Ledger   Recorder
+	DenyList DenyList
+	Metrics  *Metrics
+	Log      *slog.Logger
+	Now      func() time.Time // nil means time.Now
 }
 
 // CertificateService implements Istio's CreateCertificate.
@@ -54,6 +75,8 @@ type CertificateService struct {
 	auth      k8sauth.Authenticator
 	td        spiffeid.TrustDomain
 	limiter   *limiter
+	ledger    Recorder
+	denyList  DenyList
 	metrics   *Metrics
 	log       *slog.Logger
 	now       func() time.Time
@@ -70,11 +93,17 @@ func NewCertificateService(cfg Config) (*CertificateService, error) {
 		return nil, errors.New("server: config needs a trust domain")
 	case cfg.Metrics == nil:
 		return nil, errors.New("server: config needs metrics")
+	case cfg.Ledger == nil:
+		return nil, errors.New("server: config needs a ledger")
+	case cfg.DenyList == nil:
+		return nil, errors.New("server: config needs a deny list")
 	}
 	s := &CertificateService{
 		authority: cfg.Authority,
 		auth:      cfg.Auth,
 		td:        cfg.TrustDomain,
+		ledger:    cfg.Ledger,
+		denyList:  cfg.DenyList,
 		metrics:   cfg.Metrics,
 		log:       cfg.Log,
 		now:       cfg.Now,
@@ -132,6 +161,10 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		log.Warn("request refused", "reason", "impersonation")
 		return nil, status.Error(codes.PermissionDenied, msgImpersonation)
 	}
+	if s.denyList.Denied(id.String()) {
+		log.Warn("request refused", "reason", "denied")
+		return nil, status.Error(codes.PermissionDenied, msgDenied)
+	}
 	if !s.limiter.allow(id.String()) {
 		log.Warn("request refused", "reason", "rate_limited")
 		return nil, status.Error(codes.ResourceExhausted, msgRateLimited)
@@ -156,11 +189,53 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		log.Error("signing failed", "error", err)
 		return nil, status.Error(codes.Internal, msgSignFailed)
 	}
+	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
+	rec := record(cert, id, caller, clusterID(md), s.now())
+	start := s.now()
+	err = s.ledger.Record(ctx, rec)
+	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
+	if err != nil {
+		// Signed but never returned: a certificate no one holds.
+		log.Error("certificate not recorded; not returned", "serial", serial, "error", err)
+		if errors.Is(err, ledger.ErrUnavailable) || ctx.Err() != nil {
+			return nil, status.Error(codes.Unavailable, msgNotRecorded)
+		}
+		return nil, status.Error(codes.Internal, msgNotRecorded)
+	}
 	log.Info("certificate issued",
-		"serial", fmt.Sprintf("%x", cert.Leaf.SerialNumber),
+		"serial", serial,
 		"not_after", cert.Leaf.NotAfter.UTC(),
 		"auth", string(caller.Method))
 	return &pb.IstioCertificateResponse{CertChain: cert.ChainPEM}, nil
+}
+
+// record is the ledger's entry for cert: who it was issued to, how they
+// proved it, and nothing secret.
+func record(cert *ca.Certificate, id spiffeid.ID, caller k8sauth.Caller, cluster string, now time.Time) ledger.Record {
+	spki := sha256.Sum256(cert.Leaf.RawSubjectPublicKeyInfo)
+	return ledger.Record{
+		Serial:            fmt.Sprintf("%x", cert.Leaf.SerialNumber),
+		SPIFFEID:          id.String(),
+		Namespace:         caller.Namespace,
+		ServiceAccount:    caller.ServiceAccount,
+		PodName:           caller.PodName,
+		PodUID:            caller.PodUID,
+		ClusterID:         cluster,
+		PublicKeySHA256:   hex.EncodeToString(spki[:]),
+		NotBefore:         cert.Leaf.NotBefore,
+		NotAfter:          cert.Leaf.NotAfter,
+		IssuerFingerprint: cert.Issuer.Fingerprint(),
+		AuthMethod:        string(caller.Method),
+		IssuedAt:          now,
+	}
+}
+
+// clusterID is what Istio's agent sends as "clusterid" (may be empty).
+func clusterID(md metadata.MD) string {
+	if v := md.Get("clusterid"); len(v) == 1 && len(v[0]) <= 253 {
+		return v[0]
+	}
+	return ""
 }
 
 // bearerToken reads the one authorization header, "Bearer <token>".

@@ -14,6 +14,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -21,11 +22,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/admin"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
@@ -93,12 +97,36 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return err
 	}
+
+	// Every certificate is recorded before it is returned: no ledger, no
+	// CA.
+	if o.ledger == ledgerSQLite {
+		if err := os.MkdirAll(filepath.Dir(o.ledgerDSN), 0o700); err != nil {
+			return fmt.Errorf("ledger: %w", err)
+		}
+	}
+	led, err := ledger.Open(ctx, ledger.Config{Driver: o.ledger, DSN: o.ledgerDSN, Log: log})
+	if err != nil {
+		return fmt.Errorf("opening the %s ledger: %w", o.ledger, err)
+	}
+	defer led.Close()
+	denyList := &admin.DenyList{}
+	if err := denyList.Load(ctx, led); err != nil {
+		return fmt.Errorf("reading denied identities: %w", err)
+	}
+	go denyList.Keep(ctx, led, o.denyRefresh, log)
+	if o.ledgerRetention > 0 {
+		go pruneLedger(ctx, led, o.ledgerRetention, log, reg)
+	}
+
 	svc, err := server.NewCertificateService(server.Config{
 		Authority:   authority,
 		Auth:        authn,
 		TrustDomain: o.td,
 		RateLimit:   o.limit(),
 		RateBurst:   o.rateBurst,
+		Ledger:      led,
+		DenyList:    denyList,
 		Metrics:     metrics,
 		Log:         log,
 	})
@@ -174,9 +202,39 @@ func run(ctx context.Context, o *options) error {
 		grpcLis.Close()
 		return fmt.Errorf("listen %s: %w", o.httpAddr, err)
 	}
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- grpcServer.Serve(grpcLis) }()
 	go func() { errc <- httpServer.Serve(httpLis) }()
+
+	var adminServer *grpc.Server
+	adminAddr := ""
+	if o.serveAdmin() {
+		adm, err := admin.New(admin.Config{
+			Ledger:      led,
+			LedgerKind:  o.ledger,
+			DenyList:    denyList,
+			Issuers:     &issuers,
+			Serving:     func() (*x509.Certificate, error) { c, err := serving.Certificate(); return leafOf(c), err },
+			TrustDomain: o.td,
+			CASource:    o.caSource,
+			Admins:      &admin.Admins{IDs: o.admins, ServiceAccounts: o.adminSAs, Auth: authn},
+			Log:         log,
+		})
+		if err != nil {
+			return err
+		}
+		adminLis, err := net.Listen("tcp", o.adminAddr)
+		if err != nil {
+			grpcLis.Close()
+			httpLis.Close()
+			return fmt.Errorf("listen %s: %w", o.adminAddr, err)
+		}
+		adminAddr = adminLis.Addr().String()
+		adminServer = admin.NewGRPCServer(adm, &issuers, serving.GetCertificate)
+		go func() { errc <- adminServer.Serve(adminLis) }()
+	} else if o.adminAddr != "" {
+		log.Info("admin API not served: no --admin-ids or --admin-service-accounts")
+	}
 
 	if o.caSource == sourceSecret {
 		store := &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
@@ -198,7 +256,8 @@ func run(ctx context.Context, o *options) error {
 		server.SetServing(health, true)
 	}
 	log.Info("meshid-ca serving",
-		"grpc_addr", grpcLis.Addr().String(), "http_addr", httpLis.Addr().String(),
+		"grpc_addr", grpcLis.Addr().String(), "http_addr", httpLis.Addr().String(), "admin_addr", adminAddr,
+		"ledger", o.ledger,
 		"tls", !o.plaintext, "trust_domain", o.td.String(), "auth", o.auth, "ca_source", o.caSource)
 
 	select {
@@ -211,14 +270,57 @@ func run(ctx context.Context, o *options) error {
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	stopped := make(chan struct{})
-	go func() { grpcServer.GracefulStop(); close(stopped) }()
+	go func() {
+		grpcServer.GracefulStop()
+		if adminServer != nil {
+			adminServer.GracefulStop()
+		}
+		close(stopped)
+	}()
 	select {
 	case <-stopped:
 	case <-shutdownCtx.Done():
 		grpcServer.Stop()
+		if adminServer != nil {
+			adminServer.Stop()
+		}
 	}
 	httpServer.Shutdown(shutdownCtx)
 	return err
+}
+
+// pruneLedger deletes, at start and hourly, the records of certificates
+// expired longer ago than retention.
+func pruneLedger(ctx context.Context, led *ledger.Ledger, retention time.Duration, log *slog.Logger, reg prometheus.Registerer) {
+	pruned := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "meshid_ca_ledger_pruned_total",
+		Help: "Ledger records deleted because their certificate expired more than --ledger-retention ago.",
+	})
+	reg.MustRegister(pruned)
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		n, err := led.Prune(ctx, time.Now().Add(-retention))
+		switch {
+		case err != nil && ctx.Err() == nil:
+			log.Warn("pruning the ledger failed; retrying in an hour", "error", err)
+		case n > 0:
+			pruned.Add(float64(n))
+			log.Info("ledger pruned", "records", n, "expired_before", time.Now().Add(-retention).UTC())
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func leafOf(c *tls.Certificate) *x509.Certificate {
+	if c == nil {
+		return nil
+	}
+	return c.Leaf
 }
 
 // loadGenerated loads a CA meshid generates itself, creating it on first

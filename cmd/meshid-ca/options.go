@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -68,11 +69,27 @@ type options struct {
 	profiling       bool
 	gcPercent       int
 
+	ledger          string
+	ledgerDSN       string
+	ledgerDSNFile   string
+	ledgerRetention time.Duration
+	adminAddr       string
+	adminIDs        []string
+	adminSAs        []string
+	denyRefresh     time.Duration
+
 	// Filled in by complete.
 	td        spiffeid.TrustDomain
 	algorithm keys.Algorithm
 	level     slog.Level
+	admins    []spiffeid.ID
 }
+
+// Ledger drivers.
+const (
+	ledgerSQLite   = "sqlite"
+	ledgerPostgres = "postgres"
+)
 
 const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -107,6 +124,14 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.tokenCacheTTL, "token-cache-ttl", 30*time.Second, "how long a successful token check is remembered (never past the token's expiry); bounds how late a deleted service account is noticed; 0 disables")
 	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "most token checks remembered")
 
+	fs.StringVar(&o.ledger, "ledger", ledgerSQLite, "where every issued certificate is recorded before it is returned: sqlite (a file, one replica) or postgres (shared by replicas)")
+	fs.StringVar(&o.ledgerDSN, "ledger-dsn", "", "sqlite: the database file (default <state-dir>/ledger.db); postgres: the connection URL (prefer --ledger-dsn-file: a URL with a password shows in the process list)")
+	fs.StringVar(&o.ledgerDSNFile, "ledger-dsn-file", "", "file holding the postgres connection URL (a mounted Secret)")
+	fs.DurationVar(&o.ledgerRetention, "ledger-retention", 30*24*time.Hour, "records of certificates expired longer ago than this are pruned (hourly); 0 keeps everything")
+	fs.StringVar(&o.adminAddr, "admin-addr", ":15013", "address of the admin API (gRPC, TLS; meshidctl talks to it); served only when --admin-ids or --admin-service-accounts name someone; empty disables")
+	fs.StringSliceVar(&o.adminIDs, "admin-ids", nil, "SPIFFE IDs whose client certificates (issued by this CA) may use the admin API")
+	fs.StringSliceVar(&o.adminSAs, "admin-service-accounts", nil, "service accounts (namespace/name) whose tokens may use the admin API")
+	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
 	fs.IntVar(&o.maxMessageBytes, "max-message-bytes", server.DefaultMaxMessageBytes, "largest gRPC request accepted")
@@ -211,6 +236,50 @@ func (o *options) complete() error {
 	if o.maxMessageBytes < 4096 {
 		bad("--max-message-bytes must be at least 4096")
 	}
+	switch o.ledger {
+	case ledgerSQLite:
+		if o.ledgerDSNFile != "" {
+			bad("--ledger-dsn-file is for --ledger=postgres")
+		}
+		if o.ledgerDSN == "" {
+			if o.stateDir == "" {
+				bad("--ledger=sqlite needs --ledger-dsn or --state-dir")
+			}
+			o.ledgerDSN = filepath.Join(o.stateDir, "ledger.db")
+		}
+	case ledgerPostgres:
+		if (o.ledgerDSN == "") == (o.ledgerDSNFile == "") {
+			bad("--ledger=postgres needs exactly one of --ledger-dsn and --ledger-dsn-file")
+		}
+		if o.ledgerDSNFile != "" {
+			b, err := os.ReadFile(o.ledgerDSNFile)
+			if err != nil {
+				bad("--ledger-dsn-file: %v", err)
+			}
+			o.ledgerDSN = strings.TrimSpace(string(b))
+		}
+	default:
+		bad("--ledger must be sqlite or postgres, not %q", o.ledger)
+	}
+	if o.ledgerRetention < 0 {
+		bad("--ledger-retention must not be negative")
+	}
+	if o.denyRefresh < 100*time.Millisecond {
+		bad("--deny-refresh-interval must be at least 100ms")
+	}
+	for _, raw := range o.adminIDs {
+		id, err := spiffeid.FromString(raw)
+		if err != nil {
+			bad("--admin-ids: %q: %v", raw, err)
+			continue
+		}
+		o.admins = append(o.admins, id)
+	}
+	for _, sa := range o.adminSAs {
+		if ns, name, ok := strings.Cut(sa, "/"); !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			bad("--admin-service-accounts: %q is not namespace/name", sa)
+		}
+	}
 	switch o.logFormat {
 	case "json", "text":
 	default:
@@ -228,3 +297,8 @@ func (o *options) needsKube() bool {
 }
 
 func (o *options) limit() rate.Limit { return rate.Limit(o.rateLimit) }
+
+// serveAdmin says whether the admin API is served.
+func (o *options) serveAdmin() bool {
+	return o.adminAddr != "" && (len(o.admins) > 0 || len(o.adminSAs) > 0)
+}

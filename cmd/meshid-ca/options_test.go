@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"strings"
 	"testing"
 
@@ -43,6 +44,27 @@ func TestOptionsDefaults(t *testing.T) {
 
 // TestOptionsRefused: every bad flag is named in one error that lists them
 // all, so an operator fixes the configuration in one go.
+func TestOptionsLedgerAndAdmin(t *testing.T) {
+	o, err := parse(t, "--state-dir=/var/lib/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.ledger != "sqlite" || o.ledgerDSN != "/var/lib/x/ledger.db" || o.ledgerRetention.Hours() != 720 || o.serveAdmin() {
+		t.Errorf("defaults: ledger %s at %s, retention %s, admin served %v", o.ledger, o.ledgerDSN, o.ledgerRetention, o.serveAdmin())
+	}
+	dsnFile := t.TempDir() + "/dsn"
+	if err := os.WriteFile(dsnFile, []byte("postgres://meshid@db/meshid\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o, err = parse(t, "--ledger=postgres", "--ledger-dsn-file="+dsnFile, "--admin-ids=spiffe://cluster.local/ns/ops/sa/admin", "--admin-service-accounts=ops/admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.ledgerDSN != "postgres://meshid@db/meshid" || !o.serveAdmin() || o.admins[0].String() != "spiffe://cluster.local/ns/ops/sa/admin" {
+		t.Errorf("postgres: dsn %q, admin served %v, admins %v", o.ledgerDSN, o.serveAdmin(), o.admins)
+	}
+}
+
 func TestOptionsRefused(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -69,6 +91,15 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--log-level=loud"}, "--log-level"},
 		{[]string{"--gc-percent=0"}, "--gc-percent must be positive"},
 		{[]string{"--serving-cert-ttl=1s"}, "--serving-cert-ttl must be at least 1m"},
+		{[]string{"--ledger=mysql"}, `--ledger must be sqlite or postgres, not "mysql"`},
+		{[]string{"--ledger=postgres"}, "--ledger=postgres needs exactly one of --ledger-dsn and --ledger-dsn-file"},
+		{[]string{"--ledger=postgres", "--ledger-dsn=postgres://x", "--ledger-dsn-file=/f"}, "exactly one of"},
+		{[]string{"--ledger=postgres", "--ledger-dsn-file=/nonexistent/dsn"}, "--ledger-dsn-file: open /nonexistent/dsn"},
+		{[]string{"--ledger-dsn-file=/f"}, "--ledger-dsn-file is for --ledger=postgres"},
+		{[]string{"--ledger-retention=-1h"}, "--ledger-retention must not be negative"},
+		{[]string{"--deny-refresh-interval=1ms"}, "--deny-refresh-interval must be at least 100ms"},
+		{[]string{"--admin-ids=not-a-spiffe-id"}, "--admin-ids"},
+		{[]string{"--admin-service-accounts=meshid-system"}, `--admin-service-accounts: "meshid-system" is not namespace/name`},
 	} {
 		_, err := parse(t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
