@@ -53,7 +53,7 @@ func buildAndRun(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-demo", "github.com/meshid/meshid/cmd/meshid-agent")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-demo", "github.com/meshid/meshid/cmd/meshid-agent", "github.com/meshid/meshid/cmd/meshidctl")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: building the binaries:", err)
@@ -65,13 +65,14 @@ func buildAndRun(m *testing.M) int {
 
 // caProcess is a running meshid-ca.
 type caProcess struct {
-	GRPCAddr string
-	HTTPAddr string
+	GRPCAddr  string
+	HTTPAddr  string
+	AdminAddr string // empty unless started with admins
 
 	cmd    *exec.Cmd
 	exited chan struct{}
 	log    *lockedBuffer
-	addrs  chan [2]string
+	addrs  chan [3]string
 }
 
 // startCA runs meshid-ca with args plus free loopback ports and JSON logs,
@@ -87,13 +88,13 @@ func startCA(t testing.TB, args ...string) *caProcess {
 // WaitServing before using its addresses.
 func launchCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
-	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
+	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "meshid-ca"), args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &caProcess{cmd: cmd, exited: make(chan struct{}), log: &lockedBuffer{}, addrs: make(chan [2]string, 1)}
+	p := &caProcess{cmd: cmd, exited: make(chan struct{}), log: &lockedBuffer{}, addrs: make(chan [3]string, 1)}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -104,12 +105,13 @@ func launchCA(t testing.TB, args ...string) *caProcess {
 			line := sc.Bytes()
 			p.log.Write(append(line, '\n'))
 			var rec struct {
-				Msg      string `json:"msg"`
-				GRPCAddr string `json:"grpc_addr"`
-				HTTPAddr string `json:"http_addr"`
+				Msg       string `json:"msg"`
+				GRPCAddr  string `json:"grpc_addr"`
+				HTTPAddr  string `json:"http_addr"`
+				AdminAddr string `json:"admin_addr"`
 			}
 			if json.Unmarshal(line, &rec) == nil && rec.Msg == "meshid-ca serving" {
-				p.addrs <- [2]string{rec.GRPCAddr, rec.HTTPAddr}
+				p.addrs <- [3]string{rec.GRPCAddr, rec.HTTPAddr, rec.AdminAddr}
 			}
 		}
 		io.Copy(io.Discard, stderr)
@@ -132,7 +134,7 @@ func (p *caProcess) WaitServing(t testing.TB) {
 	t.Helper()
 	select {
 	case a := <-p.addrs:
-		p.GRPCAddr, p.HTTPAddr = a[0], a[1]
+		p.GRPCAddr, p.HTTPAddr, p.AdminAddr = a[0], a[1], a[2]
 	case <-p.exited:
 		t.Fatalf("meshid-ca exited before serving: %v\n%s", p.cmd.ProcessState, p.log.String())
 	case <-time.After(60 * time.Second):

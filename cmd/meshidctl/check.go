@@ -1,0 +1,258 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/admin/adminpb"
+)
+
+// Check results.
+const (
+	checkOK   = "ok"
+	checkWarn = "warning"
+	checkFail = "failed"
+)
+
+type checkResult struct {
+	Group   string `json:"group"`
+	Name    string `json:"name"`
+	Result  string `json:"result"`
+	Message string `json:"message"`
+}
+
+type checkReport struct {
+	Checks   []checkResult `json:"checks"`
+	Warnings int           `json:"warnings"`
+	Failures int           `json:"failures"`
+}
+
+func (r *checkReport) add(group, name, result, format string, args ...any) {
+	r.Checks = append(r.Checks, checkResult{Group: group, Name: name, Result: result, Message: fmt.Sprintf(format, args...)})
+	switch result {
+	case checkWarn:
+		r.Warnings++
+	case checkFail:
+		r.Failures++
+	}
+}
+
+func newCheckCommand() *cobra.Command {
+	var (
+		sf             serverFlags
+		warnWithin     time.Duration
+		agentSocket    string
+		agentTokenFile string
+	)
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Health report: CA reachable and ready, CA certificates' time left, ledger, and an agent's certificate",
+		Long: `check runs every check and prints one line each, like linkerd check. It exits 1
+if any check failed; warnings (a CA certificate lapsing within --warn-within)
+do not change the exit code.`,
+		Example: `  meshidctl check --ca-file root-cert.pem --token-file admin.token
+  meshidctl check --agent-socket ./var/run/secrets/workload-spiffe-uds/socket --agent-token-file token`,
+		Args: cobra.NoArgs,
+	}
+	output := outputFlag(cmd)
+	cmd.Flags().DurationVar(&warnWithin, "warn-within", 30*24*time.Hour, "warn when a CA certificate lapses within this")
+	cmd.Flags().StringVar(&agentSocket, "agent-socket", "", "also check that the meshid-agent on this socket serves a certificate that verifies against the CA's bundle")
+	cmd.Flags().StringVar(&agentTokenFile, "agent-token-file", "", "with --agent-socket in node mode: a proxy's token, to ask for its certificate")
+	sf.add(cmd)
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if warnWithin <= 0 {
+			return usageErrorf("--warn-within must be positive")
+		}
+		client, done, err := sf.dial()
+		if err != nil {
+			return err
+		}
+		defer done()
+		ctx, cancel := sf.context(cmd)
+		defer cancel()
+		now := time.Now()
+		var r checkReport
+		roots := checkCA(ctx, &r, &sf, client, now, warnWithin)
+		if agentSocket != "" {
+			checkAgent(ctx, &r, agentSocket, agentTokenFile, roots, now)
+		}
+		if err := render(cmd.OutOrStdout(), *output, r, func(w io.Writer) error { return checkTable(w, r) }); err != nil {
+			return err
+		}
+		if r.Failures > 0 {
+			return &exitError{code: exitFailed, err: fmt.Errorf("%d check(s) failed", r.Failures)}
+		}
+		return nil
+	}
+	return cmd
+}
+
+// checkCA checks meshid-ca and returns its roots (nil if unknown).
+func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminpb.AdminClient, now time.Time, warnWithin time.Duration) []*x509.Certificate {
+	const g = "meshid-ca"
+	st, err := client.GetStatus(ctx, &adminpb.GetStatusRequest{})
+	if err != nil {
+		r.add(g, "reachable", checkFail, "%v", callError(sf, err))
+		return nil
+	}
+	r.add(g, "reachable", checkOK, "admin API answers at %s", sf.server)
+	if st.GetReady() {
+		r.add(g, "ready", checkOK, "CA keys loaded (source: %s), trust domain %s", st.GetCaSource(), st.GetTrustDomain())
+	} else {
+		r.add(g, "ready", checkFail, "CA not ready")
+	}
+	lifetime := func(name string, c *adminpb.CACertificate, warn time.Duration) {
+		if c == nil {
+			r.add(g, name, checkFail, "no %s certificate", name)
+			return
+		}
+		left := c.GetNotAfter().AsTime().Sub(now)
+		switch {
+		case left <= 0:
+			r.add(g, name, checkFail, "%s certificate expired %s ago", name, humanDuration(-left))
+		case left < warn:
+			r.add(g, name, checkWarn, "%s certificate expires in %s (%s), within %s", name, humanDuration(left), c.GetNotAfter().AsTime().UTC().Format(time.RFC3339), humanDuration(warn))
+		default:
+			r.add(g, name, checkOK, "%s certificate valid for %s (until %s)", name, humanDuration(left), c.GetNotAfter().AsTime().UTC().Format(time.RFC3339))
+		}
+	}
+	lifetime("root", st.GetRoot(), warnWithin)
+	lifetime("intermediate", st.GetIntermediate(), warnWithin)
+	// The serving certificate lives a day and is renewed at half life: it
+	// is late only when under a quarter of that is left.
+	lifetime("serving", st.GetServing(), 6*time.Hour)
+	if l := st.GetLedger(); l.GetReachable() {
+		r.add(g, "ledger", checkOK, "%s ledger reachable", l.GetDriver())
+	} else {
+		r.add(g, "ledger", checkFail, "%s ledger: %s", l.GetDriver(), l.GetError())
+	}
+	b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
+	if err != nil {
+		r.add(g, "bundle", checkFail, "%v", callError(sf, err))
+		return nil
+	}
+	var roots []*x509.Certificate
+	for _, der := range b.GetRoots() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			r.add(g, "bundle", checkFail, "a root of the bundle does not parse: %v", err)
+			return nil
+		}
+		roots = append(roots, c)
+	}
+	r.add(g, "bundle", checkOK, "%d root(s) trusted", len(roots))
+	return roots
+}
+
+// checkAgent asks the agent for its workload certificate over SDS and
+// verifies it against roots.
+func checkAgent(ctx context.Context, r *checkReport, socket, tokenFile string, roots []*x509.Certificate, now time.Time) {
+	const g = "meshid-agent"
+	abs, err := filepath.Abs(socket)
+	if err != nil {
+		r.add(g, "socket", checkFail, "%v", err)
+		return
+	}
+	if _, err := os.Stat(abs); err != nil {
+		r.add(g, "socket", checkFail, "%v", err)
+		return
+	}
+	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		r.add(g, "socket", checkFail, "%v", err)
+		return
+	}
+	defer conn.Close()
+	if tokenFile != "" {
+		tok, err := os.ReadFile(tokenFile)
+		if err != nil {
+			r.add(g, "socket", checkFail, "--agent-token-file: %v", err)
+			return
+		}
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.TrimSpace(string(tok)))
+	}
+	resp, err := secretv3.NewSecretDiscoveryServiceClient(conn).FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{
+		ResourceNames: []string{"default"},
+		TypeUrl:       "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+	}, grpc.WaitForReady(false))
+	if err != nil {
+		r.add(g, "serves", checkFail, "asking %s for its certificate: %v", socket, err)
+		return
+	}
+	r.add(g, "serves", checkOK, "%s answers over SDS", socket)
+	if len(resp.GetResources()) != 1 {
+		r.add(g, "certificate", checkFail, "agent sent %d resources for \"default\"", len(resp.GetResources()))
+		return
+	}
+	var sec tlsv3.Secret
+	if err := resp.GetResources()[0].UnmarshalTo(&sec); err != nil {
+		r.add(g, "certificate", checkFail, "agent's secret does not decode: %v", err)
+		return
+	}
+	chain, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+	if err != nil || len(chain) == 0 {
+		r.add(g, "certificate", checkFail, "agent's certificate chain does not parse: %v", err)
+		return
+	}
+	leaf := chain[0]
+	id := "-"
+	if len(leaf.URIs) == 1 {
+		id = leaf.URIs[0].String()
+	}
+	if roots == nil {
+		r.add(g, "certificate", checkFail, "%s: cannot verify without the CA's bundle", id)
+		return
+	}
+	pool, inter := x509.NewCertPool(), x509.NewCertPool()
+	for _, c := range roots {
+		pool.AddCert(c)
+	}
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		r.add(g, "certificate", checkFail, "%s does not verify against the CA's bundle: %v", id, err)
+		return
+	}
+	r.add(g, "certificate", checkOK, "%s verifies against the CA's bundle, valid for %s", id, humanDuration(leaf.NotAfter.Sub(now)))
+}
+
+func checkTable(w io.Writer, r checkReport) error {
+	group := ""
+	for _, c := range r.Checks {
+		if c.Group != group {
+			if group != "" {
+				fmt.Fprintln(w)
+			}
+			group = c.Group
+			fmt.Fprintf(w, "%s\n%s\n", group, strings.Repeat("-", len(group)))
+		}
+		mark := map[string]string{checkOK: "√", checkWarn: "‼", checkFail: "×"}[c.Result]
+		fmt.Fprintf(w, "%s %s\n", mark, c.Message)
+	}
+	fmt.Fprintln(w)
+	switch {
+	case r.Failures > 0:
+		fmt.Fprintf(w, "Status check results are ×: %d failed, %d warning(s)\n", r.Failures, r.Warnings)
+	case r.Warnings > 0:
+		fmt.Fprintf(w, "Status check results are ‼: %d warning(s)\n", r.Warnings)
+	default:
+		fmt.Fprintln(w, "Status check results are √")
+	}
+	return nil
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshid/meshid/ca/admin/adminpb"
+)
+
+// serverFlags are how a command reaches meshid-ca's admin API.
+type serverFlags struct {
+	server     string
+	serverName string
+	caFile     string
+	certFile   string
+	keyFile    string
+	token      string
+	tokenFile  string
+	timeout    time.Duration
+}
+
+func (f *serverFlags) add(cmd *cobra.Command) {
+	fs := cmd.Flags()
+	fs.StringVar(&f.server, "server", "localhost:15013", "meshid-ca's admin API address (host:port)")
+	fs.StringVar(&f.serverName, "server-name", "", "name the CA's certificate must carry (default: the host of --server)")
+	fs.StringVar(&f.caFile, "ca-file", "", "PEM roots the CA's certificate must chain to: meshid's root-cert.pem (required)")
+	fs.StringVar(&f.certFile, "cert", "", "client certificate (PEM) whose SPIFFE ID is on meshid-ca's --admin-ids")
+	fs.StringVar(&f.keyFile, "key", "", "private key (PEM) of --cert")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the token of a service account on meshid-ca's --admin-service-accounts")
+	fs.StringVar(&f.token, "token", "", "the token itself (prefer --token-file: a token on the command line shows in the process list)")
+	fs.DurationVar(&f.timeout, "timeout", 10*time.Second, "how long to wait for meshid-ca")
+}
+
+// dial validates the flags (usage errors, exit 2) and connects.
+func (f *serverFlags) dial() (adminpb.AdminClient, func(), error) {
+	if f.caFile == "" {
+		return nil, nil, usageErrorf("--ca-file is required: the root meshid-ca's certificate chains to (root-cert.pem)")
+	}
+	if (f.certFile == "") != (f.keyFile == "") {
+		return nil, nil, usageErrorf("--cert and --key go together")
+	}
+	if f.token != "" && f.tokenFile != "" {
+		return nil, nil, usageErrorf("--token and --token-file are exclusive")
+	}
+	if f.certFile == "" && f.token == "" && f.tokenFile == "" {
+		return nil, nil, usageErrorf("credentials needed: --cert and --key, or --token-file")
+	}
+	host, _, err := net.SplitHostPort(f.server)
+	if err != nil {
+		return nil, nil, usageErrorf("--server %q: %v", f.server, err)
+	}
+	pemRoots, err := os.ReadFile(f.caFile)
+	if err != nil {
+		return nil, nil, usageErrorf("--ca-file: %v", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pemRoots) {
+		return nil, nil, usageErrorf("--ca-file %s holds no PEM certificate", f.caFile)
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, ServerName: f.serverName}
+	if cfg.ServerName == "" {
+		cfg.ServerName = host
+	}
+	if f.certFile != "" {
+		pair, err := tls.LoadX509KeyPair(f.certFile, f.keyFile)
+		if err != nil {
+			return nil, nil, usageErrorf("--cert/--key: %v", err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}
+	if tok, err := f.readToken(); err != nil {
+		return nil, nil, err
+	} else if tok != "" {
+		opts = append(opts, grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			return invoker(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok), method, req, reply, cc, opts...)
+		}))
+	}
+	conn, err := grpc.NewClient(f.server, opts...)
+	if err != nil {
+		return nil, nil, usageErrorf("--server: %v", err)
+	}
+	return adminpb.NewAdminClient(conn), func() { conn.Close() }, nil
+}
+
+func (f *serverFlags) readToken() (string, error) {
+	if f.tokenFile == "" {
+		return strings.TrimSpace(f.token), nil
+	}
+	b, err := os.ReadFile(f.tokenFile)
+	if err != nil {
+		return "", usageErrorf("--token-file: %v", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", usageErrorf("--token-file %s is empty", f.tokenFile)
+	}
+	return tok, nil
+}
+
+func (f *serverFlags) context(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(cmd.Context(), f.timeout)
+}
+
+// callError words a failed admin call for a person; NotFound exits 3.
+func callError(f *serverFlags, err error) error {
+	st, _ := status.FromError(err)
+	switch st.Code() {
+	case codes.NotFound:
+		return notFoundErrorf("%s", st.Message())
+	case codes.InvalidArgument:
+		return usageErrorf("%s", st.Message())
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return fmt.Errorf("meshid-ca at %s: %s", f.server, st.Message())
+	case codes.Unauthenticated, codes.PermissionDenied:
+		return fmt.Errorf("meshid-ca at %s refused: %s", f.server, st.Message())
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("meshid-ca at %s: no answer within the timeout", f.server)
+	}
+	return fmt.Errorf("meshid-ca at %s: %s", f.server, st.Message())
+}
