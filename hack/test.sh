@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of meshid, as CI does: builds the real kube-apiserver, etcd
 # and Istio's pilot-agent from the Go module proxy when they are not cached
-# (cold: about 17 minutes; warm: seconds), then vet, the unit and end-to-end
-# tests with the race detector, and each fuzz target for FUZZTIME (default 5s).
+# (cold: about 17 minutes; warm: seconds), starts a local PostgreSQL
+# (installing Debian's package if missing), then vet, the unit and
+# end-to-end tests with the race detector, and each fuzz target for FUZZTIME
+# (default 5s).
 #
 # Real parts are required here: a test that cannot find them fails instead of
 # skipping. Plain `go test ./...` skips them with the command that builds them.
@@ -13,7 +15,10 @@ echo "== real parts (cached under ${MESHID_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.c
 KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 MESHID_PILOT_AGENT_DIR=$(hack/pilot-agent.sh)
 export KUBEBUILDER_ASSETS MESHID_PILOT_AGENT_DIR
-export MESHID_REQUIRE_KUBE=1 MESHID_REQUIRE_ISTIO=1
+echo "== PostgreSQL for the ledger tests (hack/postgres.sh)" >&2
+MESHID_TEST_POSTGRES_DSN=$(hack/postgres.sh)
+export MESHID_TEST_POSTGRES_DSN
+export MESHID_REQUIRE_KUBE=1 MESHID_REQUIRE_ISTIO=1 MESHID_REQUIRE_POSTGRES=1
 
 echo "== gofmt, go vet" >&2
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './hack/*'))

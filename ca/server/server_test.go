@@ -96,7 +96,7 @@ type envOptions struct {
 	ledger    Recorder // nil: a SQLite ledger in a temporary directory
 }
 
-func newEnv(t *testing.T, o envOptions) *env {
+func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local"})
 	if err != nil {

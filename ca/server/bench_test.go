@@ -1,0 +1,84 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"net/url"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/internal/pgtest"
+)
+
+// recordNothing is the baseline of BenchmarkIssuanceLedger: the same server
+// with no ledger write. Never used outside benchmarks (DESIGN rule 6).
+type recordNothing struct{}
+
+func (recordNothing) Record(context.Context, ledger.Record) error { return nil }
+
+// BenchmarkIssuanceLedger measures CreateCertificate over gRPC + TLS on
+// loopback, 64 requests in flight from 64 identities, with the ledger on
+// SQLite and on PostgreSQL, and the same server recording nothing, in one
+// run. Reported: certificates per second and, for the ledgers, the ratio to
+// the baseline measured just before. Run with -benchtime=5s or more and
+// -count=3; PostgreSQL needs MESHID_TEST_POSTGRES_DSN (hack/postgres.sh).
+func BenchmarkIssuanceLedger(b *testing.B) {
+	var baseline float64
+	for _, kind := range []string{"none", "sqlite", "postgres"} {
+		b.Run("ledger="+kind, func(b *testing.B) {
+			var rec Recorder // nil: newEnv's SQLite ledger
+			switch kind {
+			case "none":
+				rec = recordNothing{}
+			case "postgres":
+				l, err := ledger.Open(context.Background(), ledger.Config{Driver: "postgres", DSN: pgtest.Database(b)})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { l.Close() })
+				rec = l
+			}
+			e := newEnv(b, envOptions{ledger: rec})
+			const identities = 64
+			type caller struct{ token, csr string }
+			callers := make([]caller, identities)
+			for i := range callers {
+				sa := fmt.Sprintf("w%d", i)
+				id := spiffeid.RequireFromPath(td, "/ns/bench/sa/"+sa)
+				callers[i] = caller{e.token(b, "bench", sa), csrForID(b, id)}
+			}
+			var next atomic.Int64
+			b.SetParallelism(identities / 2) // GOMAXPROCS is 2 here: 64 goroutines
+			b.ResetTimer()
+			start := time.Now()
+			b.RunParallel(func(p *testing.PB) {
+				c := callers[next.Add(1)%identities]
+				for p.Next() {
+					if _, err := e.call(c.token, &pb.IstioCertificateRequest{Csr: c.csr, ValidityDuration: 3600}); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			rate := float64(b.N) / time.Since(start).Seconds()
+			b.StopTimer()
+			b.ReportMetric(rate, "certs/s")
+			if kind == "none" {
+				baseline = rate
+			} else if baseline > 0 {
+				b.ReportMetric(rate/baseline, "ratio-to-none")
+			}
+		})
+	}
+}
+
+// csrForID is a P-256 CSR naming id.
+func csrForID(t testing.TB, id spiffeid.ID) string {
+	return csrFor(t, testKey(), func(r *x509.CertificateRequest) { r.URIs = []*url.URL{id.URL()} })
+}
