@@ -21,6 +21,7 @@ func TestDemo(t *testing.T) {
 		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", ".meshid-demo",
 			fmt.Sprintf("--grpc-addr=127.0.0.1:%d", freeTCPPort(t)),
 			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)),
+			fmt.Sprintf("--admin-addr=127.0.0.1:%d", freeTCPPort(t)),
 			"--cert-ttl=2s", "--duration=4s")
 		cmd.Dir = dir
 		out, err := cmd.CombinedOutput()
@@ -40,6 +41,12 @@ func TestDemo(t *testing.T) {
 		"api rotated",
 		"refused: remote error: tls: certificate required",
 		"refused: remote error: tls: bad certificate",
+		"$ meshidctl identities -n demo",
+		"spiffe://cluster.local/ns/demo/sa/api",
+		"Status check results are √",
+		"denied by system:serviceaccount:meshid-system:meshidctl",
+		"renewal of spiffe://cluster.local/ns/demo/sa/web refused: PermissionDenied",
+		"allowed again",
 		"stopping meshid-agent",
 		"stopping meshid-ca",
 	} {

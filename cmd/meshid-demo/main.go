@@ -39,13 +39,14 @@ func main() {
 	dir := flag.String("dir", ".meshid-demo", "where the demo keeps its state (CA keys, token issuer key, issued certificates)")
 	grpcAddr := flag.String("grpc-addr", "127.0.0.1:15012", "meshid-ca's gRPC address")
 	httpAddr := flag.String("http-addr", "127.0.0.1:15014", "meshid-ca's health and metrics address")
+	adminAddr := flag.String("admin-addr", "127.0.0.1:15013", "meshid-ca's admin API address (meshidctl)")
 	caBinary := flag.String("ca-binary", "", "meshid-ca binary (default: next to this one; meshid-agent is looked for beside it)")
 	certTTL := flag.Duration("cert-ttl", 6*time.Second, "lifetime of the workloads' certificates, short so that rotations show")
 	duration := flag.Duration("duration", 20*time.Second, "how long the two workloads talk before the demo shows refusals and stops")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *caBinary, *certTTL, *duration); err != nil {
+	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *adminAddr, *caBinary, *certTTL, *duration); err != nil {
 		fmt.Fprintln(os.Stderr, "meshid-demo:", err)
 		os.Exit(1)
 	}
@@ -54,7 +55,7 @@ func main() {
 func step(format string, args ...any) { fmt.Printf("\n▶ "+format+"\n", args...) }
 func info(format string, args ...any) { fmt.Printf("  "+format+"\n", args...) }
 
-func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string, certTTL, duration time.Duration) error {
+func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary string, certTTL, duration time.Duration) error {
 	if caBinary == "" {
 		self, err := os.Executable()
 		if err != nil {
@@ -91,7 +92,8 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string, certTTL,
 	cmd := exec.Command(caBinary,
 		"--ca-source=dir", "--state-dir="+stateDir,
 		"--auth=jwks", "--jwks-file="+jwksPath, "--token-issuer="+issuerURL,
-		"--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--log-format=text")
+		"--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--log-format=text",
+		"--admin-addr="+adminAddr, "--admin-service-accounts="+adminSA)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -193,7 +195,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, caBinary string, certTTL,
 	}
 	info("issued until %s, %s from now", chain[0].NotAfter.Local().Format(time.DateTime), time.Until(chain[0].NotAfter).Round(time.Minute))
 
-	m := &mesh{dir: dir, binDir: filepath.Dir(caBinary), caAddr: grpcAddr, rootFile: filepath.Join(stateDir, "ca", "root-cert.pem"),
+	m := &mesh{dir: dir, binDir: filepath.Dir(caBinary), caAddr: grpcAddr, adminAddr: adminAddr, rootFile: filepath.Join(stateDir, "ca", "root-cert.pem"),
 		jwksPath: jwksPath, issuer: issuer, certTTL: certTTL, duration: duration}
 	return m.run(ctx)
 }

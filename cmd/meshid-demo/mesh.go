@@ -38,6 +38,7 @@ import (
 // Workload API client, talking mTLS through rotations.
 type mesh struct {
 	dir, binDir, caAddr, rootFile, jwksPath string
+	adminAddr                               string
 	issuer                                  *satoken.Issuer
 	certTTL, duration                       time.Duration
 }
@@ -129,7 +130,10 @@ func (m *mesh) run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-deadline:
-			return m.refusals(lis.Addr().String(), socket, token)
+			if err := m.refusals(lis.Addr().String(), socket, token); err != nil {
+				return err
+			}
+			return m.audit(ctx, socket, token)
 		case <-tick.C:
 		}
 		if err := ping(long); err != nil {

@@ -36,7 +36,7 @@ type serverFlags struct {
 func (f *serverFlags) add(cmd *cobra.Command) {
 	fs := cmd.Flags()
 	fs.StringVar(&f.server, "server", "localhost:15013", "meshid-ca's admin API address (host:port)")
-	fs.StringVar(&f.serverName, "server-name", "", "name the CA's certificate must carry (default: the host of --server)")
+	fs.StringVar(&f.serverName, "server-name", "", "name the CA's certificate must carry (default: the host of --server; localhost for a loopback address)")
 	fs.StringVar(&f.caFile, "ca-file", "", "PEM roots the CA's certificate must chain to: meshid's root-cert.pem (required)")
 	fs.StringVar(&f.certFile, "cert", "", "client certificate (PEM) whose SPIFFE ID is on meshid-ca's --admin-ids")
 	fs.StringVar(&f.keyFile, "key", "", "private key (PEM) of --cert")
@@ -74,6 +74,11 @@ func (f *serverFlags) dial() (adminpb.AdminClient, func(), error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, ServerName: f.serverName}
 	if cfg.ServerName == "" {
 		cfg.ServerName = host
+		// meshid-ca's certificate names localhost, not loopback addresses
+		// (as for a kubectl port-forward).
+		if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+			cfg.ServerName = "localhost"
+		}
 	}
 	if f.certFile != "" {
 		pair, err := tls.LoadX509KeyPair(f.certFile, f.keyFile)
