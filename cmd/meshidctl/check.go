@@ -10,15 +10,8 @@ import (
 	"strings"
 	"time"
 
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
 
-	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin/adminpb"
 )
 
@@ -89,7 +82,7 @@ do not change the exit code.`,
 		var r checkReport
 		roots := checkCA(ctx, &r, &sf, client, now, warnWithin)
 		if agentSocket != "" {
-			checkAgent(ctx, &r, agentSocket, agentTokenFile, roots, now)
+			checkAgent(ctx, &r, agentSocket, agentTokenFile, roots, now, sf.timeout)
 		}
 		if err := render(cmd.OutOrStdout(), *output, r, func(w io.Writer) error { return checkTable(w, r) }); err != nil {
 			return err
@@ -161,58 +154,37 @@ func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminp
 
 // checkAgent asks the agent for its workload certificate over SDS and
 // verifies it against roots.
-func checkAgent(ctx context.Context, r *checkReport, socket, tokenFile string, roots []*x509.Certificate, now time.Time) {
+func checkAgent(ctx context.Context, r *checkReport, socket, tokenFile string, roots []*x509.Certificate, now time.Time, timeout time.Duration) {
 	const g = "meshid-agent"
 	abs, err := filepath.Abs(socket)
 	if err != nil {
 		r.add(g, "socket", checkFail, "%v", err)
 		return
 	}
-	if _, err := os.Stat(abs); err != nil {
-		r.add(g, "socket", checkFail, "%v", err)
-		return
-	}
-	conn, err := grpc.NewClient("unix://"+abs, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		r.add(g, "socket", checkFail, "%v", err)
-		return
-	}
-	defer conn.Close()
+	token := ""
 	if tokenFile != "" {
-		tok, err := os.ReadFile(tokenFile)
+		b, err := os.ReadFile(tokenFile)
 		if err != nil {
 			r.add(g, "socket", checkFail, "--agent-token-file: %v", err)
 			return
 		}
-		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		token = strings.TrimSpace(string(b))
 	}
-	resp, err := secretv3.NewSecretDiscoveryServiceClient(conn).FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{
-		ResourceNames: []string{"default"},
-		TypeUrl:       "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-	}, grpc.WaitForReady(false))
-	if err != nil {
+	served, err := fetchSecrets(ctx, abs, token, []string{"default"}, timeout)
+	if err != nil || len(served) != 1 || len(served[0].certs) == 0 {
 		r.add(g, "serves", checkFail, "asking %s for its certificate: %v", socket, err)
 		return
 	}
 	r.add(g, "serves", checkOK, "%s answers over SDS", socket)
-	if len(resp.GetResources()) != 1 {
-		r.add(g, "certificate", checkFail, "agent sent %d resources for \"default\"", len(resp.GetResources()))
-		return
-	}
-	var sec tlsv3.Secret
-	if err := resp.GetResources()[0].UnmarshalTo(&sec); err != nil {
-		r.add(g, "certificate", checkFail, "agent's secret does not decode: %v", err)
-		return
-	}
-	chain, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
-	if err != nil || len(chain) == 0 {
-		r.add(g, "certificate", checkFail, "agent's certificate chain does not parse: %v", err)
-		return
-	}
+	chain := served[0].certs
 	leaf := chain[0]
 	id := "-"
 	if len(leaf.URIs) == 1 {
 		id = leaf.URIs[0].String()
+	}
+	if served[0].keyErr != "" {
+		r.add(g, "certificate", checkFail, "%s: the key served does not match the certificate: %s", id, served[0].keyErr)
+		return
 	}
 	if roots == nil {
 		r.add(g, "certificate", checkFail, "%s: cannot verify without the CA's bundle", id)

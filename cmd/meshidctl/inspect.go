@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
@@ -20,19 +19,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/admin/adminpb"
 )
 
 // maxInput bounds what inspect reads: a chain is a few kilobytes.
 const maxInput = 16 << 20
 
-// bundleFetcher gets trusted roots from somewhere other than a file (the
-// CA's bundle, say); inspectChain takes the roots, whatever their source.
-type bundleFetcher func(ctx context.Context) ([]*x509.Certificate, error)
-
 func newInspectCommand() *cobra.Command {
 	var (
 		bundlePath string
 		atFlag     string
+		sf         serverFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "inspect FILE|-",
@@ -42,12 +39,15 @@ PEM (CERTIFICATE blocks; other blocks are skipped, and a private key is noted bu
 never shown) or DER (one certificate or several concatenated, as the SPIFFE
 Workload API sends them). It shows each certificate's position, names, SPIFFE ID,
 serial, validity, key and fingerprint, then verifies the chain against the roots
-in --bundle (PEM or DER certificates, or a SPIFFE bundle: JWKS with x5c) at --at.
+in --bundle (PEM or DER certificates, or a SPIFFE bundle: JWKS with x5c) at --at,
+or, without --bundle but with --ca-file and credentials, against the bundle
+meshid-ca's admin API serves now.
 
-Exit codes: 0 decoded (and verified, with --bundle); 1 the chain does not verify
-against --bundle; 2 unreadable input or a chain out of order.`,
+Exit codes: 0 decoded (and verified, when roots were given); 1 the chain does not
+verify, or the CA could not be asked; 2 unreadable input or a chain out of order.`,
 		Example: `  meshidctl inspect ./var/run/secrets/workload/cert-chain.pem
   meshidctl inspect --bundle root-cert.pem cert-chain.pem
+  meshidctl inspect --ca-file root-cert.pem --token-file admin.token cert-chain.pem   # the CA's bundle now
   kubectl get secret -n istio-system cacerts -o jsonpath='{.data.ca-cert\.pem}' | base64 -d | meshidctl inspect -
   meshidctl inspect --bundle bundle.json --at 2030-01-01T00:00:00Z -o json chain.der`,
 		Args: func(_ *cobra.Command, args []string) error {
@@ -60,6 +60,7 @@ against --bundle; 2 unreadable input or a chain out of order.`,
 	cmd.Flags().StringVar(&bundlePath, "bundle", "", "verify against the roots in this file: PEM or DER certificates, or a SPIFFE bundle (JWKS)")
 	cmd.Flags().StringVar(&atFlag, "at", "", "check validity and verify at this time, RFC 3339 (default now)")
 	output := outputFlag(cmd)
+	sf.add(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		at := time.Now()
 		if atFlag != "" {
@@ -81,8 +82,15 @@ against --bundle; 2 unreadable input or a chain out of order.`,
 			return usageErrorf("%s: %w", name, err)
 		}
 		var roots []*x509.Certificate
-		if bundlePath != "" {
+		source := "--bundle " + bundlePath
+		switch {
+		case bundlePath != "":
 			if roots, err = loadBundle(bundlePath, trustDomainOf(certs[0])); err != nil {
+				return err
+			}
+		case sf.caFile != "":
+			source = "meshid-ca's bundle"
+			if roots, err = serverBundle(cmd, &sf); err != nil {
 				return err
 			}
 		}
@@ -92,11 +100,35 @@ against --bundle; 2 unreadable input or a chain out of order.`,
 			return err
 		}
 		if report.Verification.Checked && !report.Verification.Verified {
-			return fmt.Errorf("%s does not verify against --bundle %s: %s", name, bundlePath, report.Verification.Detail)
+			return fmt.Errorf("%s does not verify against %s: %s", name, source, report.Verification.Detail)
 		}
 		return nil
 	}
 	return cmd
+}
+
+// serverBundle asks meshid-ca's admin API for the roots it trusts now.
+func serverBundle(cmd *cobra.Command, sf *serverFlags) ([]*x509.Certificate, error) {
+	client, done, err := sf.dial()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	ctx, cancel := sf.context(cmd)
+	defer cancel()
+	b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
+	if err != nil {
+		return nil, callError(sf, err)
+	}
+	var roots []*x509.Certificate
+	for _, der := range b.GetRoots() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("meshid-ca sent a root that does not parse: %w", err)
+		}
+		roots = append(roots, c)
+	}
+	return roots, nil
 }
 
 // readInput reads path, or stdin for "-", and returns the name to use in

@@ -12,7 +12,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
-	"flag"
 	"math/big"
 	"net/url"
 	"os"
@@ -27,8 +26,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"sigs.k8s.io/yaml"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
 
 // epoch is "now" for the test chains: certificates are made at test time
 // around it, never committed.
@@ -477,42 +474,22 @@ func TestChainReportRoundTrip(t *testing.T) {
 }
 
 // FuzzDecodeChain: any bytes give certificates or an error, never a panic,
-// and whatever decodes can be checked and reported.
+// and whatever decodes can be checked for order and described. (Verifying
+// is crypto/x509's and costs ten times the rest: it is left out, so that
+// each input, and the minimizing of new ones, stays fast.)
 func FuzzDecodeChain(f *testing.F) {
 	c := newTestChain(f, 1)
-	f.Add(pemOf(c.certs()...))
-	f.Add(derOf(c.certs()...))
+	f.Add(pemOf(c.leaf, c.inter))
+	f.Add(derOf(c.leaf, c.inter))
 	f.Add(append(keyPEM(f, c.leafKey), pemOf(c.leaf)...))
-	f.Add(derOf(c.leaf, c.inter)[:700])
+	f.Add(c.leaf.Raw[:300])
 	f.Fuzz(func(t *testing.T, data []byte) {
 		certs, _, err := decodeChain(data)
 		if (err == nil) == (len(certs) == 0) {
 			t.Fatalf("%d certificates and error %v", len(certs), err)
 		}
-		if err != nil {
-			return
-		}
-		if checkOrder(certs) == nil {
-			inspectChain(certs, certs[len(certs)-1:], epoch)
+		if err == nil && checkOrder(certs) == nil {
+			inspectChain(certs, nil, epoch)
 		}
 	})
-}
-
-// golden compares got with testdata/name, or rewrites it with -update.
-func golden(t *testing.T, name, got string) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to write it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("output differs from %s (go test -update rewrites it):\n%s\nwant:\n%s", path, got, want)
-	}
 }
