@@ -3,7 +3,9 @@ package ledger
 import (
 	"context"
 	"database/sql"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -85,7 +87,7 @@ func (l *Ledger) audit(ctx context.Context, tx *sql.Tx, at any, actor, action, s
 
 // Denials returns every current denial, sorted by SPIFFE ID.
 func (l *Ledger) Denials(ctx context.Context) ([]Denial, error) {
-	rows, err := l.r.QueryContext(ctx, "SELECT spiffe_id, reason, denied_by, denied_at FROM denials ORDER BY spiffe_id")
+	rows, err := l.r.QueryContext(ctx, "SELECT spiffe_id, reason, denied_by, denied_at FROM denials")
 	if err != nil {
 		return nil, unavailable(err)
 	}
@@ -101,6 +103,8 @@ func (l *Ledger) Denials(ctx context.Context) ([]Denial, error) {
 	if err := rows.Err(); err != nil {
 		return nil, unavailable(err)
 	}
+	// Byte order, whatever the database's collation.
+	slices.SortFunc(ds, func(a, b Denial) int { return strings.Compare(a.SPIFFEID, b.SPIFFEID) })
 	return ds, nil
 }
 

@@ -102,7 +102,7 @@ type Stats struct {
 // this code.
 func Open(ctx context.Context, cfg Config) (*Ledger, error) {
 	if cfg.MaxBatch < 0 {
-		return nil, fmt.Errorf("ledger: MaxBatch %d is negative", cfg.MaxBatch)
+		return nil, errorf("MaxBatch %d is negative", cfg.MaxBatch)
 	}
 	log := cfg.Log
 	if log == nil {
@@ -122,7 +122,7 @@ func Open(ctx context.Context, cfg Config) (*Ledger, error) {
 		w, err = openPostgres(ctx, cfg.DSN, log)
 		r = w
 	default:
-		return nil, fmt.Errorf("ledger: unknown driver %q (want sqlite or postgres)", cfg.Driver)
+		return nil, errorf("unknown driver %q (want sqlite or postgres)", cfg.Driver)
 	}
 	if err != nil {
 		return nil, err
@@ -134,6 +134,14 @@ func Open(ctx context.Context, cfg Config) (*Ledger, error) {
 	if err := migrate(ctx, d, w, log); err != nil {
 		l.closeDB()
 		return nil, err
+	}
+	if d == sqliteDialect {
+		// Gathers the query planner's statistics where they are missing or
+		// stale, as SQLite advises when opening a long-lived connection;
+		// Close runs it again.
+		if _, err := w.ExecContext(ctx, "PRAGMA optimize=0x10002"); err != nil {
+			log.Warn("ledger: PRAGMA optimize failed", "error", err)
+		}
 	}
 	l.cond = sync.NewCond(&l.mu)
 	go l.commitLoop()

@@ -388,3 +388,86 @@ func TestPostgresUnavailable(t *testing.T) {
 		t.Errorf("Open on a closed port = %v, want ErrUnavailable", err)
 	}
 }
+
+// TestCommitFails: when a commit fails, the records of its batch get an
+// error wrapping ErrUnavailable and are not stored; the loop goes on.
+func TestCommitFails(t *testing.T) {
+	eachDB(t, func(t *testing.T, db testDB) {
+		l := db.open(t)
+		// A trigger makes any batch holding serial dead fail.
+		trigger := []string{`CREATE TRIGGER fail BEFORE INSERT ON certificates
+			WHEN NEW.serial = 'dead' BEGIN SELECT RAISE(ABORT, 'boom'); END`}
+		if db.driver == "postgres" {
+			trigger = []string{
+				`CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$
+				BEGIN IF NEW.serial = 'dead' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$`,
+				`CREATE TRIGGER fail BEFORE INSERT ON certificates FOR EACH ROW EXECUTE FUNCTION fail()`,
+			}
+		}
+		for _, stmt := range trigger {
+			if _, err := db.raw(t).Exec(stmt); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dead := rec(0, func(r *ledger.Record) { r.Serial = "dead" })
+		if err := l.Record(context.Background(), dead); !errors.Is(err, ledger.ErrUnavailable) || !strings.Contains(err.Error(), "boom") {
+			t.Errorf("Record(dead) = %v, want ErrUnavailable", err)
+		}
+		// Concurrent records: those batched with dead fail, the others
+		// are stored.
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var ok, failed []string
+		for i := range 32 {
+			wg.Go(func() {
+				r := rec(i + 1)
+				if i == 16 {
+					r = dead
+				}
+				err := l.Record(context.Background(), r)
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case err == nil:
+					ok = append(ok, r.Serial)
+				case errors.Is(err, ledger.ErrUnavailable):
+					failed = append(failed, r.Serial)
+				default:
+					t.Errorf("Record: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+		if !slices.Contains(failed, "dead") {
+			t.Error("dead was stored")
+		}
+		stored := serials(all(t, l, ledger.Filter{}))
+		slices.Sort(stored)
+		slices.Sort(ok)
+		if !slices.Equal(stored, ok) {
+			t.Errorf("stored %v, acknowledged %v", stored, ok)
+		}
+		t.Logf("%d stored, %d failed with dead", len(ok), len(failed))
+		record(t, l, rec(100))
+	})
+}
+
+// TestDuplicateInBatch: copies of a serial in one batch are stored once; a
+// copy that differs is refused alone.
+func TestDuplicateInBatch(t *testing.T) {
+	eachDB(t, func(t *testing.T, db testDB) {
+		l := db.open(t)
+		a, b := rec(1), rec(2)
+		other := rec(1, func(r *ledger.Record) { r.PodName = "elsewhere" })
+		err := ledger.BulkInsert(context.Background(), l, []ledger.Record{a, b, a, other})
+		if err == nil || errors.Is(err, ledger.ErrUnavailable) || !strings.Contains(err.Error(), "record "+a.Serial+": the serial is already recorded") {
+			t.Errorf("BulkInsert = %v", err)
+		}
+		if got := serials(all(t, l, ledger.Filter{})); !slices.Equal(got, []string{a.Serial, b.Serial}) {
+			t.Errorf("stored %v", got)
+		}
+		if got, _ := l.Certificate(context.Background(), a.Serial); got != a {
+			t.Errorf("stored %+v, want %+v", got, a)
+		}
+	})
+}

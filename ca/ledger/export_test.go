@@ -1,0 +1,26 @@
+package ledger
+
+import (
+	"context"
+	"errors"
+)
+
+// BulkInsert is the tests' and benchmarks' fast path: recs in one
+// transaction, without the commit loop.
+func BulkInsert(ctx context.Context, l *Ledger, recs []Record) error {
+	for i := range recs {
+		r, err := normalize(recs[i])
+		if err != nil {
+			return err
+		}
+		recs[i] = r
+	}
+	errs, err := l.insert(ctx, recs)
+	if err != nil {
+		return err
+	}
+	return errors.Join(errs...)
+}
+
+// SchemaVersion keys the benchmarks' cached database.
+const SchemaVersion = schemaVersion
