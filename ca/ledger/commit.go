@@ -115,6 +115,86 @@ func (l *Ledger) next() []*pending {
 // limits of SQLite (32766) and PostgreSQL (65535).
 const rowsPerInsert = 500
 
+// maxStmtRows is the largest multi-row INSERT the commit loop prepares once
+// and keeps; batches are cut into chunks of a power of two rows up to it,
+// so at most nine statements of each kind are ever prepared. Parsing a
+// fresh statement for every batch cost an eighth of the ledger's CPU.
+const maxStmtRows = 256
+
+// powerChunks cuts s into chunks whose lengths are powers of two, largest
+// first, none above maxStmtRows.
+func powerChunks[T any](s []T) [][]T {
+	var out [][]T
+	for len(s) > 0 {
+		n := maxStmtRows
+		for n > len(s) {
+			n /= 2
+		}
+		out = append(out, s[:n])
+		s = s[n:]
+	}
+	return out
+}
+
+// stmtCache holds the commit loop's prepared statements by text. Only the
+// commit loop uses it.
+type stmtCache map[string]*sql.Stmt
+
+// prepare makes sure every statement in qs is prepared on l.w. It runs
+// before the transaction: SQLite's writer has one connection, which the
+// transaction then holds.
+func (l *Ledger) prepare(ctx context.Context, qs []string) error {
+	for _, q := range qs {
+		if _, ok := l.stmts[q]; ok {
+			continue
+		}
+		st, err := l.w.PrepareContext(ctx, q)
+		if err != nil {
+			return err
+		}
+		l.stmts[q] = st
+	}
+	return nil
+}
+
+// certInsert and identityUpsert are the commit loop's statements for a
+// number of rows; their texts are made once.
+func (l *Ledger) certInsert(rows int) string {
+	q, ok := l.texts[-rows]
+	if !ok {
+		q = l.d.rebind("INSERT INTO certificates (" + certColumns + ") VALUES " + values(rows, 13) +
+			" ON CONFLICT (serial) DO NOTHING RETURNING serial")
+		l.texts[-rows] = q
+	}
+	return q
+}
+
+func (l *Ledger) identityUpsert(rows int) string {
+	q, ok := l.texts[rows]
+	if !ok {
+		q = l.d.rebind("INSERT INTO identities (spiffe_id, namespace, service_account, first_issued, last_issued) VALUES " + values(rows, 5) +
+			" ON CONFLICT (spiffe_id) DO UPDATE SET" +
+			" first_issued = " + l.d.least + "(identities.first_issued, excluded.first_issued)," +
+			" last_issued = " + l.d.greatest + "(identities.last_issued, excluded.last_issued)")
+		l.texts[rows] = q
+	}
+	return q
+}
+
+// statements lists the statements a batch of n distinct records may need:
+// its certificate chunks, and identity chunks of every size up to n (how
+// many identities it holds is known only inside the transaction).
+func (l *Ledger) statements(n int) []string {
+	var qs []string
+	for _, c := range powerChunks(make([]struct{}, n)) {
+		qs = append(qs, l.certInsert(len(c)))
+	}
+	for size := 1; size <= min(n, maxStmtRows); size *= 2 {
+		qs = append(qs, l.identityUpsert(size))
+	}
+	return qs
+}
+
 const certColumns = "serial, spiffe_id, namespace, service_account, pod_name, pod_uid, cluster_id, public_key_sha256, not_before, not_after, issuer_fingerprint, auth_method, issued_at"
 
 func (l *Ledger) certArgs(args []any, r *Record) []any {
@@ -132,12 +212,6 @@ func values(rows, cols int) string {
 // is a database failure, for all of recs; otherwise errs[i] says why recs[i]
 // alone was refused (its serial is recorded for another certificate).
 func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err error) {
-	tx, err := l.w.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Rollback()
-
 	// A serial twice in one batch is inserted once; the copies are then
 	// judged like serials already in the database.
 	first := make(map[string]int, len(recs))
@@ -148,15 +222,22 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 			unique = append(unique, &recs[i])
 		}
 	}
+	if err := l.prepare(ctx, l.statements(len(unique))); err != nil {
+		return nil, err
+	}
+	tx, err := l.w.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+
 	inserted := make(map[string]bool, len(unique))
-	for chunk := range slices.Chunk(unique, rowsPerInsert) {
+	for _, chunk := range powerChunks(unique) {
 		args := make([]any, 0, len(chunk)*13)
 		for _, r := range chunk {
 			args = l.certArgs(args, r)
 		}
-		q := "INSERT INTO certificates (" + certColumns + ") VALUES " + values(len(chunk), 13) +
-			" ON CONFLICT (serial) DO NOTHING RETURNING serial"
-		if err := l.collect(ctx, tx, q, args, inserted); err != nil {
+		if err := l.collect(ctx, tx, l.certInsert(len(chunk)), args, inserted); err != nil {
 			return nil, err
 		}
 	}
@@ -191,7 +272,7 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 
 // collect runs an INSERT … RETURNING serial and adds the serials to set.
 func (l *Ledger) collect(ctx context.Context, tx *sql.Tx, q string, args []any, set map[string]bool) error {
-	rows, err := tx.QueryContext(ctx, l.d.rebind(q), args...)
+	rows, err := tx.StmtContext(ctx, l.stmts[q]).QueryContext(ctx, args...)
 	if err != nil {
 		return err
 	}
@@ -236,17 +317,13 @@ func (l *Ledger) upsertIdentities(ctx context.Context, tx *sql.Tx, recs []*Recor
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	for chunk := range slices.Chunk(keys, rowsPerInsert) {
+	for _, chunk := range powerChunks(keys) {
 		args := make([]any, 0, len(chunk)*5)
 		for _, k := range chunk {
 			s := ids[k]
 			args = append(args, k, s.ns, s.sa, l.d.timeArg(s.first), l.d.timeArg(s.last))
 		}
-		q := "INSERT INTO identities (spiffe_id, namespace, service_account, first_issued, last_issued) VALUES " + values(len(chunk), 5) +
-			" ON CONFLICT (spiffe_id) DO UPDATE SET" +
-			" first_issued = " + l.d.least + "(identities.first_issued, excluded.first_issued)," +
-			" last_issued = " + l.d.greatest + "(identities.last_issued, excluded.last_issued)"
-		if _, err := tx.ExecContext(ctx, l.d.rebind(q), args...); err != nil {
+		if _, err := tx.StmtContext(ctx, l.stmts[l.identityUpsert(len(chunk))]).ExecContext(ctx, args...); err != nil {
 			return err
 		}
 	}

@@ -80,6 +80,8 @@ type Ledger struct {
 	r        *sql.DB // reads; the same pool as w for PostgreSQL
 	log      *slog.Logger
 	maxBatch int
+	stmts    stmtCache      // the commit loop's own
+	texts    map[int]string // likewise: statement texts by rows (negative: certificates)
 
 	mu       sync.Mutex
 	cond     *sync.Cond // signalled when queue grows or closed is set
@@ -127,7 +129,7 @@ func Open(ctx context.Context, cfg Config) (*Ledger, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &Ledger{d: d, w: w, r: r, log: log, maxBatch: cfg.MaxBatch, loopDone: make(chan struct{})}
+	l := &Ledger{d: d, w: w, r: r, log: log, maxBatch: cfg.MaxBatch, stmts: stmtCache{}, texts: map[int]string{}, loopDone: make(chan struct{})}
 	if l.maxBatch == 0 {
 		l.maxBatch = defaultMaxBatch
 	}
@@ -173,6 +175,9 @@ func (l *Ledger) Close() error {
 	<-l.loopDone
 	if already {
 		return nil
+	}
+	for _, st := range l.stmts { // the loop has ended: nothing else uses them
+		st.Close()
 	}
 	if l.d == sqliteDialect {
 		// Keeps the query planner's statistics fresh, as SQLite advises

@@ -5,6 +5,9 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net/url"
+	"os"
+	"runtime"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -46,6 +49,7 @@ func BenchmarkIssuanceLedger(b *testing.B) {
 			}
 			e := newEnv(b, envOptions{ledger: rec})
 			const identities = 64
+			inFlight := benchInFlight()
 			type caller struct{ token, csr string }
 			callers := make([]caller, identities)
 			for i := range callers {
@@ -54,7 +58,7 @@ func BenchmarkIssuanceLedger(b *testing.B) {
 				callers[i] = caller{e.token(b, "bench", sa), csrForID(b, id)}
 			}
 			var next atomic.Int64
-			b.SetParallelism(identities / 2) // GOMAXPROCS is 2 here: 64 goroutines
+			b.SetParallelism(inFlight / runtime.GOMAXPROCS(0))
 			b.ResetTimer()
 			start := time.Now()
 			b.RunParallel(func(p *testing.PB) {
@@ -81,4 +85,13 @@ func BenchmarkIssuanceLedger(b *testing.B) {
 // csrForID is a P-256 CSR naming id.
 func csrForID(t testing.TB, id spiffeid.ID) string {
 	return csrFor(t, testKey(), func(r *x509.CertificateRequest) { r.URIs = []*url.URL{id.URL()} })
+}
+
+// benchInFlight is how many requests BenchmarkIssuanceLedger keeps in
+// flight: MESHID_BENCH_IN_FLIGHT, default 256.
+func benchInFlight() int {
+	if n, err := strconv.Atoi(os.Getenv("MESHID_BENCH_IN_FLIGHT")); err == nil && n > 0 {
+		return n
+	}
+	return 256
 }
