@@ -8,8 +8,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/meshid/meshid/ca/admin/adminpb"
 )
 
 func newBundleCommand() *cobra.Command {
@@ -30,18 +28,16 @@ func newBundleCommand() *cobra.Command {
 		if format != "pem" && format != "spiffe" {
 			return usageErrorf("--format must be pem or spiffe, not %q", format)
 		}
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
-		b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
+		b, roots, err := bundleRoots(ctx, &sf, client)
 		if err != nil {
-			return callError(&sf, err)
+			return err
 		}
-		out, err := encodeBundle(b, format)
+		out, err := encodeBundle(b.GetTrustDomain(), roots, format)
 		if err != nil {
 			return err
 		}
@@ -51,15 +47,7 @@ func newBundleCommand() *cobra.Command {
 	return cmd
 }
 
-func encodeBundle(b *adminpb.Bundle, format string) ([]byte, error) {
-	var roots []*x509.Certificate
-	for _, der := range b.GetRoots() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("meshid-ca sent a root that does not parse: %w", err)
-		}
-		roots = append(roots, c)
-	}
+func encodeBundle(trustDomain string, roots []*x509.Certificate, format string) ([]byte, error) {
 	if format == "pem" {
 		var out []byte
 		for _, c := range roots {
@@ -67,9 +55,9 @@ func encodeBundle(b *adminpb.Bundle, format string) ([]byte, error) {
 		}
 		return out, nil
 	}
-	td, err := spiffeid.TrustDomainFromString(b.GetTrustDomain())
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
 	if err != nil {
-		return nil, fmt.Errorf("meshid-ca sent trust domain %q: %w", b.GetTrustDomain(), err)
+		return nil, fmt.Errorf("meshid-ca sent trust domain %q: %w", trustDomain, err)
 	}
 	out, err := spiffebundle.FromX509Authorities(td, roots).Marshal()
 	if err != nil {

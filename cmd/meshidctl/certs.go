@@ -88,13 +88,11 @@ func newCertsCommand() *cobra.Command {
 			req.ExpiringWithin = durationpb.New(expiringWithin)
 		}
 		req.PageSize = int32(limit)
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
 		rows := []certRow{}
 		if req.Serial != "" {
 			c, err := client.GetCertificate(ctx, &adminpb.GetCertificateRequest{Serial: req.Serial})

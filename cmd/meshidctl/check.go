@@ -71,13 +71,11 @@ do not change the exit code.`,
 		if warnWithin <= 0 {
 			return usageErrorf("--warn-within must be positive")
 		}
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
 		now := time.Now()
 		var r checkReport
 		roots := checkCA(ctx, &r, &sf, client, now, warnWithin)
@@ -134,19 +132,10 @@ func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminp
 	} else {
 		r.add(g, "ledger", checkFail, "%s ledger: %s", l.GetDriver(), l.GetError())
 	}
-	b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
+	_, roots, err := bundleRoots(ctx, sf, client)
 	if err != nil {
-		r.add(g, "bundle", checkFail, "%v", callError(sf, err))
+		r.add(g, "bundle", checkFail, "%v", err)
 		return nil
-	}
-	var roots []*x509.Certificate
-	for _, der := range b.GetRoots() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			r.add(g, "bundle", checkFail, "a root of the bundle does not parse: %v", err)
-			return nil
-		}
-		roots = append(roots, c)
 	}
 	r.add(g, "bundle", checkOK, "%d root(s) trusted", len(roots))
 	return roots

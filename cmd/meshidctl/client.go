@@ -117,8 +117,32 @@ func (f *serverFlags) readToken() (string, error) {
 	return tok, nil
 }
 
-func (f *serverFlags) context(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), f.timeout)
+// connect dials (see dial) and returns the client, a context bounded by
+// --timeout, and one function to release both.
+func (f *serverFlags) connect(cmd *cobra.Command) (adminpb.AdminClient, context.Context, func(), error) {
+	client, closeConn, err := f.dial()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), f.timeout)
+	return client, ctx, func() { cancel(); closeConn() }, nil
+}
+
+// bundleRoots asks meshid-ca for the roots it trusts now.
+func bundleRoots(ctx context.Context, f *serverFlags, client adminpb.AdminClient) (*adminpb.Bundle, []*x509.Certificate, error) {
+	b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
+	if err != nil {
+		return nil, nil, callError(f, err)
+	}
+	var roots []*x509.Certificate
+	for _, der := range b.GetRoots() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, nil, fmt.Errorf("meshid-ca sent a root that does not parse: %w", err)
+		}
+		roots = append(roots, c)
+	}
+	return b, roots, nil
 }
 
 // callError words a failed admin call for a person; NotFound exits 3.

@@ -31,13 +31,11 @@ expire (at most --max-cert-ttl); agents' renewals are refused from now on.`,
 		if strings.TrimSpace(reason) == "" {
 			return usageErrorf("--reason is required: say why, it is recorded with the denial")
 		}
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
 		d, err := client.DenyIdentity(ctx, &adminpb.DenyIdentityRequest{SpiffeId: args[0], Reason: reason})
 		if err != nil {
 			return callError(&sf, err)
@@ -62,13 +60,11 @@ func newAllowCommand() *cobra.Command {
 	output := outputFlag(cmd)
 	sf.add(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
 		resp, err := client.AllowIdentity(ctx, &adminpb.AllowIdentityRequest{SpiffeId: args[0]})
 		if err != nil {
 			return callError(&sf, err)

@@ -61,13 +61,11 @@ func newIdentitiesCommand() *cobra.Command {
 	cmd.Flags().StringVarP(&namespace, "namespace", "n", "", "only this namespace")
 	sf.add(cmd)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		client, done, err := sf.dial()
+		client, ctx, done, err := sf.connect(cmd)
 		if err != nil {
 			return err
 		}
 		defer done()
-		ctx, cancel := sf.context(cmd)
-		defer cancel()
 		resp, err := client.ListIdentities(ctx, &adminpb.ListIdentitiesRequest{Namespace: namespace})
 		if err != nil {
 			return callError(&sf, err)

@@ -19,7 +19,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshid/meshid/ca"
-	"github.com/meshid/meshid/ca/admin/adminpb"
 )
 
 // maxInput bounds what inspect reads: a chain is a few kilobytes.
@@ -109,26 +108,13 @@ verify, or the CA could not be asked; 2 unreadable input or a chain out of order
 
 // serverBundle asks meshid-ca's admin API for the roots it trusts now.
 func serverBundle(cmd *cobra.Command, sf *serverFlags) ([]*x509.Certificate, error) {
-	client, done, err := sf.dial()
+	client, ctx, done, err := sf.connect(cmd)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	ctx, cancel := sf.context(cmd)
-	defer cancel()
-	b, err := client.GetBundle(ctx, &adminpb.GetBundleRequest{})
-	if err != nil {
-		return nil, callError(sf, err)
-	}
-	var roots []*x509.Certificate
-	for _, der := range b.GetRoots() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("meshid-ca sent a root that does not parse: %w", err)
-		}
-		roots = append(roots, c)
-	}
-	return roots, nil
+	_, roots, err := bundleRoots(ctx, sf, client)
+	return roots, err
 }
 
 // readInput reads path, or stdin for "-", and returns the name to use in
