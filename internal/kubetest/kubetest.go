@@ -186,3 +186,20 @@ func (c *Cluster) Token(t testing.TB, ns, sa string, audiences ...string) string
 	}
 	return tr.Status.Token
 }
+
+// KubeconfigFor writes a kubeconfig that acts as service account ns/sa (a
+// token for the API server's own audience), so a process run with it has
+// exactly the RBAC that account was granted.
+func (c *Cluster) KubeconfigFor(t testing.TB, ns, sa string) string {
+	t.Helper()
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["envtest"] = &clientcmdapi.Cluster{Server: c.Config.Host, CertificateAuthorityData: c.Config.CAData}
+	kc.AuthInfos[sa] = &clientcmdapi.AuthInfo{Token: c.Token(t, ns, sa)}
+	kc.Contexts["envtest"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: sa, Namespace: ns}
+	kc.CurrentContext = "envtest"
+	path := filepath.Join(t.TempDir(), ns+"-"+sa+".kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		t.Fatalf("kubetest: writing kubeconfig: %v", err)
+	}
+	return path
+}
