@@ -201,6 +201,24 @@ func TestDeployManifests(t *testing.T) {
 	if p.AdminAddr == "" {
 		t.Error("the Deployment's arguments serve no admin API")
 	}
+	// With that RBAC it is elected and writes the trust bundle into every
+	// namespace, the workloads' too.
+	for _, ns := range []string{"meshid-system", "shop", "default"} {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			cm, err := cluster.Client.CoreV1().ConfigMaps(ns).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+			if err == nil && cm.Data["root-cert.pem"] == string(sec.Data["root-cert.pem"]) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no istio-ca-root-cert with the CA's root in %s after 30s (%v)", ns, err)
+			}
+			time.Sleep(100 * time.Millisecond) // poll interval
+		}
+	}
+	if lease, err := cluster.Client.CoordinationV1().Leases("meshid-system").Get(ctx, "meshid-ca-leader", metav1.GetOptions{}); err != nil || lease.Spec.HolderIdentity == nil {
+		t.Errorf("meshid-ca-leader Lease: %v, %v", lease, err)
+	}
 }
 
 // checkHardened checks what a platform engineer expects of a CA's pods.

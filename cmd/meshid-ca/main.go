@@ -27,6 +27,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin"
+	"github.com/meshid/meshid/ca/distribute"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
@@ -234,6 +235,31 @@ func run(ctx context.Context, o *options) error {
 		go func() { errc <- adminServer.Serve(adminLis) }()
 	} else if o.adminAddr != "" {
 		log.Info("admin API not served: no --admin-ids or --admin-service-accounts")
+	}
+
+	switch {
+	case o.bundleConfigMap == "":
+	case kube == nil:
+		log.Info("trust bundle not distributed: meshid-ca talks to no API server (--auth=jwks with --ca-source dir or plugin)")
+	default:
+		leading := prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meshid_ca_leader",
+			Help: "1 while this replica is elected for singleton work (the trust-bundle ConfigMaps).",
+		})
+		reg.MustRegister(leading)
+		leader := &distribute.Leader{Client: kube, Namespace: o.namespace, Lease: o.leaderLease, Identity: o.podName, Log: log,
+			OnChange: func(b bool) { leading.Set(map[bool]float64{true: 1}[b]) }}
+		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: func() []*x509.Certificate {
+			if is := issuers.Issuer(); is != nil {
+				return is.Roots()
+			}
+			return nil
+		}}
+		go leader.Run(ctx, func(ctx context.Context) {
+			if err := cms.Run(ctx); err != nil {
+				log.Error("distributing the trust bundle failed", "error", err)
+			}
+		})
 	}
 
 	if o.caSource == sourceSecret {

@@ -77,6 +77,9 @@ type options struct {
 	adminIDs        []string
 	adminSAs        []string
 	denyRefresh     time.Duration
+	bundleConfigMap string
+	leaderLease     string
+	podName         string
 
 	// Filled in by complete.
 	td        spiffeid.TrustDomain
@@ -132,6 +135,9 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.adminIDs, "admin-ids", nil, "SPIFFE IDs whose client certificates (issued by this CA) may use the admin API")
 	fs.StringSliceVar(&o.adminSAs, "admin-service-accounts", nil, "service accounts (namespace/name) whose tokens may use the admin API")
 	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
+	fs.StringVar(&o.bundleConfigMap, "bundle-configmap", "istio-ca-root-cert", "ConfigMap (key root-cert.pem) the leader keeps in every namespace with the roots trusted now; empty disables. Needs the API server (not reached with --auth=jwks and --ca-source dir or plugin)")
+	fs.StringVar(&o.leaderLease, "leader-election-lease", "meshid-ca-leader", "Lease in --namespace through which one replica is elected for singleton work (the trust-bundle ConfigMaps)")
+	fs.StringVar(&o.podName, "pod-name", "", "this replica's name in leader election (default: the host name, which is the pod's name)")
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
 	fs.IntVar(&o.maxMessageBytes, "max-message-bytes", server.DefaultMaxMessageBytes, "largest gRPC request accepted")
@@ -278,6 +284,14 @@ func (o *options) complete() error {
 	for _, sa := range o.adminSAs {
 		if ns, name, ok := strings.Cut(sa, "/"); !ok || ns == "" || name == "" || strings.Contains(name, "/") {
 			bad("--admin-service-accounts: %q is not namespace/name", sa)
+		}
+	}
+	if o.bundleConfigMap != "" && o.leaderLease == "" {
+		bad("--bundle-configmap needs --leader-election-lease: only one replica may write the ConfigMaps")
+	}
+	if o.podName == "" {
+		if h, err := os.Hostname(); err == nil {
+			o.podName = h
 		}
 	}
 	switch o.logFormat {
