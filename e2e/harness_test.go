@@ -88,7 +88,7 @@ func startCA(t testing.TB, args ...string) *caProcess {
 // WaitServing before using its addresses.
 func launchCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
-	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
+	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "meshid-ca"), args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

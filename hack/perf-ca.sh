@@ -19,7 +19,7 @@ bin/meshid-load -token-issuer-key "$dir/issuer-key.pem" -print-jwks >"$dir/jwks.
 # Rate limiting off: the load sends many certificates per identity on purpose.
 env ${MESHID_PERF_CA_ENV:-} bin/meshid-ca --state-dir "$dir/state" --auth jwks --jwks-file "$dir/jwks.json" \
   --token-issuer https://meshid-demo.local --grpc-addr "$grpc" --http-addr "$http" \
-  --rate-limit 0 ${MESHID_PERF_CA_ARGS:-} 2>"$dir/ca.log" &
+  --rate-limit 0 --bundle-endpoint-addr= ${MESHID_PERF_CA_ARGS:-} 2>"$dir/ca.log" &
 ca_pid=$!
 for _ in $(seq 100); do
   curl -fsS "http://$http/readyz" >/dev/null 2>&1 && break

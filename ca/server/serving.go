@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/meshid/meshid/ca"
 )
 
@@ -22,8 +24,12 @@ type ServingCertificate struct {
 	Authority *ca.Authority
 	Issuers   ca.IssuerSource
 	DNSNames  []string
-	TTL       time.Duration    // 0 means DefaultServingTTL
-	Now       func() time.Time // nil means time.Now
+	// ID, when set, makes it an X.509 SVID for ID instead of a certificate
+	// for DNSNames: what a SPIFFE bundle endpoint with SPIFFE
+	// authentication (https_spiffe) presents.
+	ID  spiffeid.ID
+	TTL time.Duration    // 0 means DefaultServingTTL
+	Now func() time.Time // nil means time.Now
 
 	mu      sync.Mutex
 	cur     *tls.Certificate
@@ -55,7 +61,12 @@ func (s *ServingCertificate) Certificate() (*tls.Certificate, error) {
 	if ttl == 0 {
 		ttl = DefaultServingTTL
 	}
-	cert, err := s.Authority.IssueServing(key.Public(), s.DNSNames, ttl)
+	var cert *ca.Certificate
+	if s.ID.IsZero() {
+		cert, err = s.Authority.IssueServing(key.Public(), s.DNSNames, ttl)
+	} else {
+		cert, err = s.Authority.Issue(ca.Request{ID: s.ID, PublicKey: key.Public(), TTL: ttl})
+	}
 	if err != nil {
 		if s.cur != nil && now.Before(s.cur.Leaf.NotAfter) {
 			return s.cur, nil // keep serving the one we have

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/federation"
 	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
 
@@ -203,7 +204,7 @@ func run(ctx context.Context, o *options) error {
 		grpcLis.Close()
 		return fmt.Errorf("listen %s: %w", o.httpAddr, err)
 	}
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
 	go func() { errc <- grpcServer.Serve(grpcLis) }()
 	go func() { errc <- httpServer.Serve(httpLis) }()
 
@@ -235,6 +236,30 @@ func run(ctx context.Context, o *options) error {
 		go func() { errc <- adminServer.Serve(adminLis) }()
 	} else if o.adminAddr != "" {
 		log.Info("admin API not served: no --admin-ids or --admin-service-accounts")
+	}
+
+	bundleAddr := ""
+	if o.bundleAddr != "" {
+		roots := func() []*x509.Certificate {
+			if is := issuers.Issuer(); is != nil {
+				return is.Roots()
+			}
+			return nil
+		}
+		handler, err := federation.NewHandler(o.td, distribute.BundleSource{TrustDomain: o.td, Roots: roots})
+		if err != nil {
+			return err
+		}
+		svid := &server.ServingCertificate{Authority: authority, Issuers: &issuers, ID: o.bundleSPIFFEID, TTL: o.servingTTL}
+		lis, err := net.Listen("tcp", o.bundleAddr)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", o.bundleAddr, err)
+		}
+		bundleAddr = lis.Addr().String()
+		bundleServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second,
+			TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: svid.GetCertificate}}
+		go func() { errc <- bundleServer.ServeTLS(lis, "", "") }()
+		defer bundleServer.Close()
 	}
 
 	switch {
@@ -282,7 +307,7 @@ func run(ctx context.Context, o *options) error {
 		server.SetServing(health, true)
 	}
 	log.Info("meshid-ca serving",
-		"grpc_addr", grpcLis.Addr().String(), "http_addr", httpLis.Addr().String(), "admin_addr", adminAddr,
+		"grpc_addr", grpcLis.Addr().String(), "http_addr", httpLis.Addr().String(), "admin_addr", adminAddr, "bundle_endpoint_addr", bundleAddr,
 		"ledger", o.ledger,
 		"tls", !o.plaintext, "trust_domain", o.td.String(), "auth", o.auth, "ca_source", o.caSource)
 

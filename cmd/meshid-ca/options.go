@@ -80,7 +80,10 @@ type options struct {
 	bundleConfigMap string
 	leaderLease     string
 	podName         string
+	bundleAddr      string
+	bundleID        string
 
+	bundleSPIFFEID spiffeid.ID
 	// Filled in by complete.
 	td        spiffeid.TrustDomain
 	algorithm keys.Algorithm
@@ -137,6 +140,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
 	fs.StringVar(&o.bundleConfigMap, "bundle-configmap", "istio-ca-root-cert", "ConfigMap (key root-cert.pem) the leader keeps in every namespace with the roots trusted now; empty disables. Needs the API server (not reached with --auth=jwks and --ca-source dir or plugin)")
 	fs.StringVar(&o.leaderLease, "leader-election-lease", "meshid-ca-leader", "Lease in --namespace through which one replica is elected for singleton work (the trust-bundle ConfigMaps)")
+	fs.StringVar(&o.bundleAddr, "bundle-endpoint-addr", ":8443", "address of the SPIFFE bundle endpoint (HTTPS, SPIFFE authentication) other trust domains federate with; empty disables")
+	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
 	fs.StringVar(&o.podName, "pod-name", "", "this replica's name in leader election (default: the host name, which is the pod's name)")
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
@@ -288,6 +293,19 @@ func (o *options) complete() error {
 	}
 	if o.bundleConfigMap != "" && o.leaderLease == "" {
 		bad("--bundle-configmap needs --leader-election-lease: only one replica may write the ConfigMaps")
+	}
+	if o.bundleAddr != "" && err == nil {
+		if o.bundleID == "" {
+			o.bundleSPIFFEID, err = spiffeid.FromSegments(td, "ns", o.namespace, "sa", "meshid-ca")
+		} else {
+			o.bundleSPIFFEID, err = spiffeid.FromString(o.bundleID)
+			if err == nil && o.bundleSPIFFEID.TrustDomain() != td {
+				err = fmt.Errorf("%s is not in trust domain %s", o.bundleSPIFFEID, td)
+			}
+		}
+		if err != nil {
+			bad("--bundle-endpoint-id: %v", err)
+		}
 	}
 	if o.podName == "" {
 		if h, err := os.Hostname(); err == nil {

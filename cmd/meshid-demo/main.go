@@ -93,7 +93,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 		"--ca-source=dir", "--state-dir="+stateDir,
 		"--auth=jwks", "--jwks-file="+jwksPath, "--token-issuer="+issuerURL,
 		"--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--log-format=text",
-		"--admin-addr="+adminAddr, "--admin-service-accounts="+adminSA)
+		"--admin-addr="+adminAddr, "--admin-service-accounts="+adminSA, "--bundle-endpoint-addr=127.0.0.1:0")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
