@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	appsv1 "k8s.io/api/apps/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -21,6 +22,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
+	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/pgtest"
 )
@@ -218,6 +220,38 @@ func TestDeployManifests(t *testing.T) {
 	}
 	if lease, err := cluster.Client.CoordinationV1().Leases("meshid-system").Get(ctx, "meshid-ca-leader", metav1.GetOptions{}); err != nil || lease.Spec.HolderIdentity == nil {
 		t.Errorf("meshid-ca-leader Lease: %v, %v", lease, err)
+	}
+
+	// Istio drop-in (deploy/istio.md): Istio's own agent, with a projected
+	// token from the API server and the root from the istio-ca-root-cert
+	// ConfigMap meshid-ca wrote, as a sidecar mounts them, gets its
+	// certificate; the token is checked by TokenReview with the CA's own
+	// RBAC.
+	agentDir := pilotAgentDir(t)
+	cluster.ServiceAccount(t, "shop", "web")
+	cm, err := cluster.Client.CoreV1().ConfigMaps("shop").Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootPath := filepath.Join(dir, "istio-ca-root-cert", "root-cert.pem")
+	mustWrite(t, rootPath, []byte(cm.Data["root-cert.pem"]), 0o644)
+	_, grpcPort, _ := strings.Cut(p.GRPCAddr, ":")
+	_, chainPEM, rootPEM := istioAgentCerts(t, agentDir, grpcPort, rootPath, cluster.Token(t, "shop", "web", "istio-ca"), "shop", "web", "web-7d4b9-abcde", nil)
+	chain, err := ca.ParseCertificatesPEM(chainPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := ca.ParseCertificatesPEM([]byte(cm.Data["root-cert.pem"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := chain[len(chain)-1]; last.Equal(roots[0]) {
+		chain = chain[:len(chain)-1]
+	}
+	verifySVID(t, "pilot-agent's certificate from the deployed configuration", append(chain, roots[0]),
+		spiffeid.RequireTrustDomainFromString("cluster.local"), roots, spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web"))
+	if agentRoots, err := ca.ParseCertificatesPEM(rootPEM); err != nil || len(agentRoots) != 1 || !agentRoots[0].Equal(roots[0]) {
+		t.Errorf("pilot-agent's root-cert.pem is not the distributed bundle's root (%v)", err)
 	}
 }
 

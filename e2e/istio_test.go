@@ -85,40 +85,7 @@ func TestIstioAgent(t *testing.T) {
 			}
 			okBefore := requestsOK(t, p)
 
-			work := t.TempDir()
-			outDir := filepath.Join(work, "certs")
-			mustWrite(t, filepath.Join(work, "var/run/secrets/tokens/istio-token"), []byte(token), 0o600)
-			tmpl, err := os.ReadFile(filepath.Join(agentDir, "envoy_bootstrap_tmpl.json"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			mustWrite(t, filepath.Join(work, "var/lib/istio/envoy/envoy_bootstrap_tmpl.json"), tmpl, 0o644)
-			if err := os.MkdirAll(outDir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			env := []string{
-				"PATH=" + os.Getenv("PATH"),
-				"HOME=" + work,
-				"CLOUD_PLATFORM=none",
-				"DISABLE_ENVOY=true",
-				"OUTPUT_CERTS=" + outDir,
-				// A host containing "localhost" makes the agent send SNI
-				// istiod.istio-system.svc, which the CA's certificate names.
-				"CA_ADDR=localhost:" + grpcPort,
-				"CA_ROOT_CA=" + rootPath,
-				"POD_NAME=" + pod,
-				"POD_NAMESPACE=" + ns,
-				"SERVICE_ACCOUNT=" + tc.sa,
-				"INSTANCE_IP=127.0.0.1",
-				"ISTIO_META_CLUSTER_ID=Kubernetes",
-				"TRUST_DOMAIN=cluster.local",
-				"JWT_POLICY=third-party-jwt",
-				"SECRET_TTL=1h",
-				fmt.Sprintf(`PROXY_CONFIG={"statusPort":%d,"controlPlaneAuthPolicy":"NONE"}`, freeTCPPort(t)),
-			}
-			agent := startPilotAgent(t, agentDir, work, append(env, tc.env...))
-
-			keyPEM, chainPEM, rootPEM := agent.waitCerts(t, outDir, 20*time.Second)
+			keyPEM, chainPEM, rootPEM := istioAgentCerts(t, agentDir, grpcPort, rootPath, token, ns, tc.sa, pod, tc.env)
 
 			// The chain verifies against meshid-ca's root and names the pod's
 			// service account.
@@ -178,6 +145,47 @@ func TestIstioAgent(t *testing.T) {
 			}
 		})
 	}
+}
+
+// istioAgentCerts runs pilot-agent standalone, as a sidecar's agent with
+// the settings of Istio's injection (the projected token, the root from the
+// istio-ca-root-cert mount), against meshid-ca on localhost:grpcPort, and
+// returns the files it writes once its certificate has come.
+func istioAgentCerts(t *testing.T, agentDir, grpcPort, rootPath, token, ns, sa, pod string, extraEnv []string) (keyPEM, chainPEM, rootPEM []byte) {
+	t.Helper()
+	work := t.TempDir()
+	outDir := filepath.Join(work, "certs")
+	mustWrite(t, filepath.Join(work, "var/run/secrets/tokens/istio-token"), []byte(token), 0o600)
+	tmpl, err := os.ReadFile(filepath.Join(agentDir, "envoy_bootstrap_tmpl.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, filepath.Join(work, "var/lib/istio/envoy/envoy_bootstrap_tmpl.json"), tmpl, 0o644)
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{
+		"PATH=" + os.Getenv("PATH"),
+		"HOME=" + work,
+		"CLOUD_PLATFORM=none",
+		"DISABLE_ENVOY=true",
+		"OUTPUT_CERTS=" + outDir,
+		// A host containing "localhost" makes the agent send SNI
+		// istiod.istio-system.svc, which the CA's certificate names.
+		"CA_ADDR=localhost:" + grpcPort,
+		"CA_ROOT_CA=" + rootPath,
+		"POD_NAME=" + pod,
+		"POD_NAMESPACE=" + ns,
+		"SERVICE_ACCOUNT=" + sa,
+		"INSTANCE_IP=127.0.0.1",
+		"ISTIO_META_CLUSTER_ID=Kubernetes",
+		"TRUST_DOMAIN=cluster.local",
+		"JWT_POLICY=third-party-jwt",
+		"SECRET_TTL=1h",
+		fmt.Sprintf(`PROXY_CONFIG={"statusPort":%d,"controlPlaneAuthPolicy":"NONE"}`, freeTCPPort(t)),
+	}
+	agent := startPilotAgent(t, agentDir, work, append(env, extraEnv...))
+	return agent.waitCerts(t, outDir, 20*time.Second)
 }
 
 // pilotAgentDir finds the directory hack/pilot-agent.sh builds into, or skips
