@@ -1,6 +1,7 @@
 package keys
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -9,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // caSubdir holds the CA files inside a state directory. It is created whole
@@ -77,32 +80,77 @@ func (d *StateDir) LoadOrCreate(create func() (*Material, error)) (m *Material, 
 	return m, true, nil
 }
 
-func (d *StateDir) write(m *Material) error {
-	files, err := m.Files()
+// Load reads the stored CA.
+func (d *StateDir) Load(context.Context) (*Material, error) {
+	caDir := filepath.Join(d.path, caSubdir)
+	files, err := readFiles(caDir)
+	if err != nil {
+		return nil, err
+	}
+	m, err := ParseFiles(files)
+	if err != nil {
+		return nil, fmt.Errorf("%w (in %s)", err, caDir)
+	}
+	return m, nil
+}
+
+// Save replaces the stored CA with m (a renewed intermediate), atomically;
+// one process owns the directory, so what it replaces is always what it
+// read:
+// the new files are written beside the old ones and the two directories are
+// exchanged in one rename, so a crash leaves either CA whole, never a mix
+// and never none (which would make the next start generate a new root).
+func (d *StateDir) Save(_ context.Context, _ *Material, m *Material) error {
+	tmp, err := d.stage(m)
 	if err != nil {
 		return err
 	}
-	tmp, err := os.MkdirTemp(d.path, ".ca-new-")
+	defer os.RemoveAll(tmp)
+	caDir := filepath.Join(d.path, caSubdir)
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, caDir, unix.RENAME_EXCHANGE); err != nil {
+		return fmt.Errorf("keys: replacing the stored CA: %w", err)
+	}
+	return syncDir(d.path)
+}
+
+func (d *StateDir) write(m *Material) error {
+	tmp, err := d.stage(m)
 	if err != nil {
-		return fmt.Errorf("keys: %w", err)
+		return err
 	}
 	defer os.RemoveAll(tmp)
+	if err := os.Rename(tmp, filepath.Join(d.path, caSubdir)); err != nil {
+		return fmt.Errorf("keys: storing CA: %w", err)
+	}
+	return syncDir(d.path)
+}
+
+// stage writes m's files into a new directory beside the CA's and returns
+// its path.
+func (d *StateDir) stage(m *Material) (string, error) {
+	files, err := m.Files()
+	if err != nil {
+		return "", err
+	}
+	tmp, err := os.MkdirTemp(d.path, ".ca-new-")
+	if err != nil {
+		return "", fmt.Errorf("keys: %w", err)
+	}
 	for name, data := range files {
 		mode := os.FileMode(0o644)
 		if strings.HasSuffix(name, "-key.pem") {
 			mode = 0o600
 		}
 		if err := writeFileSync(filepath.Join(tmp, name), data, mode); err != nil {
-			return err
+			os.RemoveAll(tmp)
+			return "", err
 		}
 	}
 	if err := os.Chmod(tmp, 0o700); err != nil {
-		return fmt.Errorf("keys: %w", err)
+		os.RemoveAll(tmp)
+		return "", fmt.Errorf("keys: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(d.path, caSubdir)); err != nil {
-		return fmt.Errorf("keys: storing CA: %w", err)
-	}
-	return syncDir(d.path)
+	return tmp, nil
 }
 
 // readFiles reads the CA files present in dir. It fails with fs.ErrNotExist

@@ -2,6 +2,7 @@ package keys
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	corev1 "k8s.io/api/core/v1"
@@ -15,6 +16,51 @@ type Secret struct {
 	Client    corev1client.SecretsGetter
 	Namespace string
 	Name      string
+}
+
+// Load reads the CA from the Secret.
+func (s *Secret) Load(ctx context.Context) (*Material, error) {
+	got, err := s.Client.Secrets(s.Namespace).Get(ctx, s.Name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("keys: reading secret %s/%s: %w", s.Namespace, s.Name, err)
+	}
+	return s.parse(got)
+}
+
+// ErrStale says the stored CA changed since it was read (another replica
+// renewed it): read it again instead of overwriting it.
+var ErrStale = errors.New("keys: the stored CA changed meanwhile")
+
+// Save replaces the CA in the Secret with m, a renewed intermediate under
+// the same root, unless another replica has changed it since prev was
+// read (ErrStale): the Secret must never swing back to an older CA.
+func (s *Secret) Save(ctx context.Context, prev, m *Material) error {
+	secrets := s.Client.Secrets(s.Namespace)
+	got, err := secrets.Get(ctx, s.Name, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("keys: reading secret %s/%s: %w", s.Namespace, s.Name, err)
+	}
+	stored, err := s.parse(got)
+	if err != nil {
+		return err
+	}
+	if !stored.CACert.Equal(prev.CACert) {
+		return ErrStale
+	}
+	files, err := m.Files()
+	if err != nil {
+		return err
+	}
+	got.Data = files
+	// The resourceVersion read above makes the update fail if anyone
+	// wrote in between.
+	if _, err := secrets.Update(ctx, got, metav1.UpdateOptions{}); err != nil {
+		if apierrors.IsConflict(err) {
+			return ErrStale
+		}
+		return fmt.Errorf("keys: updating secret %s/%s: %w", s.Namespace, s.Name, err)
+	}
+	return nil
 }
 
 // LoadOrCreate reads the CA from the Secret, or creates the Secret with the

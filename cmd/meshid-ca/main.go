@@ -155,13 +155,15 @@ func run(ctx context.Context, o *options) error {
 			return err
 		}
 		defer dir.Close()
-		is, err := loadGenerated(o, log, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+		r := renewer(o, dir, &issuers, 0, log, reg)
+		m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 			return dir.LoadOrCreate(create)
 		})
 		if err != nil {
 			return err
 		}
 		issuers.Set(is)
+		go r.Run(ctx, m)
 	}
 
 	var tlsConfig *tls.Config
@@ -290,7 +292,10 @@ func run(ctx context.Context, o *options) error {
 	if o.caSource == sourceSecret {
 		store := &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
 		go func() {
-			is, err := loadGenerated(o, log, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+			// Replicas share the Secret: each also reads it every 30s for
+			// an intermediate another one renewed.
+			r := renewer(o, store, &issuers, 30*time.Second, log, reg)
+			m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
 					return store.LoadOrCreate(ctx, create)
 				})
@@ -300,6 +305,7 @@ func run(ctx context.Context, o *options) error {
 				return
 			}
 			issuers.Set(is)
+			go r.Run(ctx, m)
 			server.SetServing(health, true)
 			log.Info("meshid-ca ready")
 		}()
@@ -340,6 +346,24 @@ func run(ctx context.Context, o *options) error {
 	return err
 }
 
+// renewer replaces the signing intermediate of a CA meshid generated (it
+// holds the root key) before it lapses.
+func renewer(o *options, store keys.Store, issuers *keys.Source, follow time.Duration, log *slog.Logger, reg prometheus.Registerer) *keys.Renewer {
+	renewals := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshid_ca_intermediate_renewals_total",
+		Help: "Renewals of the signing intermediate (a third of its lifetime before it lapses), by result.",
+	}, []string{"result"})
+	reg.MustRegister(renewals)
+	return &keys.Renewer{Store: store, Source: issuers, Algorithm: o.algorithm, TTL: o.intermediateTTL, Follow: follow, Log: log,
+		Renewed: func(err error) {
+			if err != nil {
+				renewals.WithLabelValues("error").Inc()
+				return
+			}
+			renewals.WithLabelValues("ok").Inc()
+		}}
+}
+
 // pruneLedger deletes, at start and hourly, the records of certificates
 // expired longer ago than retention.
 func pruneLedger(ctx context.Context, led *ledger.Ledger, retention time.Duration, log *slog.Logger, reg prometheus.Registerer) {
@@ -376,7 +400,10 @@ func leafOf(c *tls.Certificate) *x509.Certificate {
 
 // loadGenerated loads a CA meshid generates itself, creating it on first
 // start through loadOrCreate.
-func loadGenerated(o *options, log *slog.Logger, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*ca.Issuer, error) {
+//
+// An intermediate found due for renewal (or expired, after a long stop) is
+// renewed by r before anything is signed with it.
+func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Renewer, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*keys.Material, *ca.Issuer, error) {
 	m, created, err := loadOrCreate(func() (*keys.Material, error) {
 		return keys.Generate(keys.Options{
 			TrustDomain:     o.td.String(),
@@ -386,18 +413,27 @@ func loadGenerated(o *options, log *slog.Logger, loadOrCreate func(func() (*keys
 		})
 	})
 	if err != nil {
-		return nil, err
-	}
-	is, err := m.Issuer(time.Now())
-	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	msg := "CA loaded"
 	if created {
 		msg = "CA generated"
 	}
-	logIssuer(log, msg, is)
-	return is, nil
+	root := m.Roots[len(m.Roots)-1]
+	log.Info(msg,
+		"root_fingerprint", ca.Fingerprint(root), "root_not_after", root.NotAfter.UTC(),
+		"ca_fingerprint", ca.Fingerprint(m.CACert), "ca_not_after", m.CACert.NotAfter.UTC(),
+		"key", keyDescription(m.CACert))
+	if m.RootKey != nil && !time.Now().Before(keys.RenewAt(m.CACert)) {
+		if m, err = r.Check(ctx, m); err != nil {
+			return nil, nil, err
+		}
+	}
+	is, err := m.Issuer(time.Now())
+	if err != nil {
+		return nil, nil, err
+	}
+	return m, is, nil
 }
 
 func logIssuer(log *slog.Logger, msg string, is *ca.Issuer) {

@@ -1,0 +1,154 @@
+package keys
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"crypto/x509"
+
+	"github.com/meshid/meshid/ca"
+)
+
+// Store keeps a CA that meshid owns (it holds the root key); *StateDir and
+// *Secret are ones.
+type Store interface {
+	Load(ctx context.Context) (*Material, error)
+	// Save replaces prev, as read from the store, with m; ErrStale if the
+	// store no longer holds prev.
+	Save(ctx context.Context, prev, m *Material) error
+}
+
+// RenewAt is when an intermediate is replaced: once only a third of its
+// lifetime is left (four months before a one-year intermediate lapses), so
+// a failing renewal has months of retries and alarms before it matters.
+func RenewAt(c *x509.Certificate) time.Time {
+	return c.NotAfter.Add(-c.NotAfter.Sub(c.NotBefore) / 3)
+}
+
+// Renewer replaces the signing intermediate of a CA meshid owns before it
+// lapses, under the same root: workloads trust the root, so nothing changes
+// for them. Replicas sharing a Secret may both try; the store lets one win
+// and the others adopt its CA (Follow also picks it up between renewals).
+type Renewer struct {
+	Store     Store
+	Source    *Source
+	Algorithm Algorithm
+	TTL       time.Duration // of a new intermediate
+	// Follow is how often the store is read for a CA renewed elsewhere
+	// (replicas sharing a Secret); 0 never.
+	Follow time.Duration
+	Now    func() time.Time // nil: time.Now
+	Log    *slog.Logger
+	// Renewed, if set, hears of each renewal attempt (for metrics).
+	Renewed func(err error)
+
+	last time.Time // of the last renewal; Check and Run are called in turn, never at once
+}
+
+func (r *Renewer) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+func (r *Renewer) log() *slog.Logger {
+	if r.Log != nil {
+		return r.Log
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// use makes m the CA that signs.
+func (r *Renewer) use(m *Material) error {
+	is, err := m.Issuer(r.now())
+	if err != nil {
+		return err
+	}
+	r.Source.Set(is)
+	return nil
+}
+
+// Check renews m's intermediate if it is due and returns the CA in effect
+// afterwards: m, a renewed one, or the one another replica stored.
+func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
+	now := r.now()
+	if m.RootKey == nil {
+		return m, errors.New("keys: cannot renew the intermediate of a CA whose root key meshid does not hold")
+	}
+	if now.Before(RenewAt(m.CACert)) {
+		return m, nil
+	}
+	next := *m
+	err := next.RenewIntermediate(r.Algorithm, r.TTL, now)
+	if err == nil {
+		err = r.Store.Save(ctx, m, &next)
+	}
+	if errors.Is(err, ErrStale) {
+		stored, err := r.Store.Load(ctx)
+		if err != nil {
+			return m, err
+		}
+		if err := r.use(stored); err != nil {
+			return m, err
+		}
+		r.log().Info("intermediate renewed by another replica; using it", "ca_fingerprint", ca.Fingerprint(stored.CACert), "ca_not_after", stored.CACert.NotAfter.UTC())
+		return stored, nil
+	}
+	if err == nil {
+		err = r.use(&next)
+	}
+	if r.Renewed != nil {
+		r.Renewed(err)
+	}
+	if err != nil {
+		return m, fmt.Errorf("keys: renewing the intermediate: %w", err)
+	}
+	r.last = time.Now()
+	r.log().Info("intermediate renewed", "ca_fingerprint", ca.Fingerprint(next.CACert), "ca_not_after", next.CACert.NotAfter.UTC(),
+		"previous_not_after", m.CACert.NotAfter.UTC())
+	return &next, nil
+}
+
+// minRenewGap keeps Run from renewing again at once when a new
+// intermediate is itself due (a lifetime shorter than its backdating, as
+// tests use): one renewal a minute at most.
+const minRenewGap = time.Minute
+
+// Run checks at each renewal time (and every Follow) until ctx ends,
+// retrying a failed renewal every minute.
+func (r *Renewer) Run(ctx context.Context, m *Material) {
+	for {
+		wait := max(time.Until(RenewAt(m.CACert)), time.Until(r.last.Add(minRenewGap)), 0)
+		if r.Follow > 0 {
+			wait = min(wait, r.Follow)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		if r.Follow > 0 {
+			if stored, err := r.Store.Load(ctx); err == nil && !stored.CACert.Equal(m.CACert) && stored.CACert.NotAfter.After(m.CACert.NotAfter) {
+				if err := r.use(stored); err == nil {
+					r.log().Info("intermediate renewed by another replica; using it", "ca_fingerprint", ca.Fingerprint(stored.CACert))
+					m = stored
+				}
+			}
+		}
+		next, err := r.Check(ctx, m)
+		if err != nil {
+			r.log().Error("renewing the intermediate failed; retrying in a minute", "error", err, "ca_not_after", m.CACert.NotAfter.UTC())
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Minute):
+			}
+			continue
+		}
+		m = next
+	}
+}
