@@ -282,11 +282,23 @@ func run(ctx context.Context, o *options) error {
 			}
 			return nil
 		}}
-		go leader.Run(ctx, func(ctx context.Context) {
-			if err := cms.Run(ctx); err != nil {
-				log.Error("distributing the trust bundle failed", "error", err)
+		leaderDone := make(chan struct{})
+		go func() {
+			defer close(leaderDone)
+			leader.Run(ctx, func(ctx context.Context) {
+				if err := cms.Run(ctx); err != nil {
+					log.Error("distributing the trust bundle failed", "error", err)
+				}
+			})
+		}()
+		// On the way out, let the elector give the Lease up, so another
+		// replica takes over at once instead of when it expires.
+		defer func() {
+			select {
+			case <-leaderDone:
+			case <-time.After(5 * time.Second):
 			}
-		})
+		}()
 	}
 
 	if o.caSource == sourceSecret {
