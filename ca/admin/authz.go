@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -47,8 +46,9 @@ func (a *Admins) authorize(ctx context.Context) (actor string, err error) {
 		}
 		return "", status.Error(codes.PermissionDenied, msgNotAdmin)
 	}
-	token := bearer(ctx)
-	if token == "" {
+	md, _ := metadata.FromIncomingContext(ctx)
+	token, err := k8sauth.BearerToken(md)
+	if err != nil {
 		return "", status.Error(codes.Unauthenticated, msgNoCredentials)
 	}
 	if a.Auth == nil {
@@ -86,17 +86,4 @@ func peerID(ctx context.Context) (spiffeid.ID, bool) {
 		return spiffeid.ID{}, false
 	}
 	return id, true
-}
-
-func bearer(ctx context.Context) string {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return ""
-	}
-	scheme, token, ok := strings.Cut(vals[0], " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") {
-		return ""
-	}
-	return strings.TrimSpace(token)
 }

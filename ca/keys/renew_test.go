@@ -88,15 +88,17 @@ func TestRenewerStateDir(t *testing.T) {
 	case !got.CACert.NotAfter.After(oldInter.NotAfter):
 		t.Errorf("new intermediate lapses at %s, not after the old one's %s", got.CACert.NotAfter, oldInter.NotAfter)
 	}
-	if err := verifies(before, oldInter, m.RootCert, issuedAt); err != nil { // the root is the same: its chain still holds
-		t.Errorf("a certificate from the old intermediate no longer verifies: %v", err)
-	}
 	if err := verifies(leafFrom(t, src, now), got.CACert, m.RootCert, now); err != nil {
 		t.Errorf("a certificate from the new intermediate does not verify: %v", err)
 	}
 	stored, err := dir.Load(context.Background())
 	if err != nil || !stored.CACert.Equal(got.CACert) || !stored.RootCert.Equal(m.RootCert) {
 		t.Fatalf("the state directory holds another CA (%v)", err)
+	}
+	// Workloads holding certificates from before still chain to the root
+	// the store and the bundle now hold.
+	if err := verifies(before, oldInter, stored.Roots[len(stored.Roots)-1], issuedAt); err != nil {
+		t.Errorf("a certificate from the old intermediate no longer verifies against the stored root: %v", err)
 	}
 }
 

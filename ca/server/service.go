@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -135,7 +134,7 @@ func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.Isti
 
 func (s *CertificateService) createCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	token, err := bearerToken(md)
+	token, err := k8sauth.BearerToken(md)
 	if err != nil {
 		s.metrics.authFailures.WithLabelValues("no_token").Inc()
 		s.log.Warn("request refused", "reason", "no_token", "error", err)
@@ -236,19 +235,6 @@ func clusterID(md metadata.MD) string {
 		return v[0]
 	}
 	return ""
-}
-
-// bearerToken reads the one authorization header, "Bearer <token>".
-func bearerToken(md metadata.MD) (string, error) {
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return "", fmt.Errorf("want one authorization header, got %d", len(vals))
-	}
-	scheme, token, ok := strings.Cut(vals[0], " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") || strings.TrimSpace(token) == "" {
-		return "", errors.New("authorization header is not a bearer token")
-	}
-	return strings.TrimSpace(token), nil
 }
 
 // requestedTTL converts validity_duration seconds; huge values are left for

@@ -240,14 +240,15 @@ func run(ctx context.Context, o *options) error {
 		log.Info("admin API not served: no --admin-ids or --admin-service-accounts")
 	}
 
+	// The roots trusted now, for the bundle endpoint and the ConfigMaps.
+	roots := func() []*x509.Certificate {
+		if is := issuers.Issuer(); is != nil {
+			return is.Roots()
+		}
+		return nil
+	}
 	bundleAddr := ""
 	if o.bundleAddr != "" {
-		roots := func() []*x509.Certificate {
-			if is := issuers.Issuer(); is != nil {
-				return is.Roots()
-			}
-			return nil
-		}
 		handler, err := federation.NewHandler(o.td, distribute.BundleSource{TrustDomain: o.td, Roots: roots})
 		if err != nil {
 			return err
@@ -276,12 +277,7 @@ func run(ctx context.Context, o *options) error {
 		reg.MustRegister(leading)
 		leader := &distribute.Leader{Client: kube, Namespace: o.namespace, Lease: o.leaderLease, Identity: o.podName, Log: log,
 			OnChange: func(b bool) { leading.Set(map[bool]float64{true: 1}[b]) }}
-		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: func() []*x509.Certificate {
-			if is := issuers.Issuer(); is != nil {
-				return is.Roots()
-			}
-			return nil
-		}}
+		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: roots}
 		leaderDone := make(chan struct{})
 		go func() {
 			defer close(leaderDone)
