@@ -228,3 +228,20 @@ func workload(id string) (ns, sa string) {
 	}
 	return seg[1], seg[3]
 }
+
+// Outstanding counts the certificates valid at now that were issued before
+// cutoff, and when the last of them lapses (zero when none). A root
+// rotation waits on it: until it is zero, some workload may still present
+// a certificate from before a stage, or hold only the bundle of then.
+func (l *Ledger) Outstanding(ctx context.Context, cutoff, now time.Time) (n int, lastExpiry time.Time, err error) {
+	if cutoff.IsZero() || now.IsZero() {
+		return 0, time.Time{}, errorf("outstanding: cutoff and now must be set")
+	}
+	// not_after is indexed; certificates valid now are the few.
+	q := `SELECT COUNT(*), MAX(not_after) FROM certificates WHERE not_after > ? AND issued_at < ?`
+	row := l.r.QueryRowContext(ctx, l.d.rebind(q), l.d.timeArg(now), l.d.timeArg(cutoff))
+	if err := row.Scan(&n, timeCol{&lastExpiry}); err != nil {
+		return 0, time.Time{}, unavailable(err)
+	}
+	return n, lastExpiry, nil
+}

@@ -339,3 +339,36 @@ func identities(ids []ledger.Identity) string {
 	}
 	return b.String()
 }
+
+func TestOutstanding(t *testing.T) {
+	eachDB(t, func(t *testing.T, db testDB) {
+		l := db.open(t)
+		now := us(t0)
+		cutoff := now.Add(-10 * time.Minute)
+		ctx := context.Background()
+		if n, last, err := l.Outstanding(ctx, cutoff, now); err != nil || n != 0 || !last.IsZero() {
+			t.Fatalf("empty ledger: Outstanding = %d, %v, %v; want 0, zero time, nil", n, last, err)
+		}
+		web := identity("a", "web")
+		record(t, l,
+			// Issued before the cutoff, still valid: counted.
+			rec(1, web, func(r *ledger.Record) { r.IssuedAt = cutoff.Add(-time.Minute); r.NotAfter = now.Add(time.Hour) }),
+			rec(2, web, func(r *ledger.Record) { r.IssuedAt = cutoff.Add(-time.Hour); r.NotAfter = now.Add(2 * time.Hour) }),
+			// Issued before, lapsed exactly now: not counted.
+			rec(3, web, func(r *ledger.Record) { r.IssuedAt = cutoff.Add(-time.Hour); r.NotAfter = now }),
+			// Issued at or after the cutoff: not counted.
+			rec(4, web, func(r *ledger.Record) { r.IssuedAt = cutoff; r.NotAfter = now.Add(3 * time.Hour) }),
+			rec(5, web, func(r *ledger.Record) { r.IssuedAt = now; r.NotAfter = now.Add(3 * time.Hour) }),
+		)
+		n, last, err := l.Outstanding(ctx, cutoff, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n != 2 || !last.Equal(now.Add(2*time.Hour)) {
+			t.Errorf("Outstanding = %d, last lapses %v; want 2, %v", n, last, now.Add(2*time.Hour))
+		}
+		if _, _, err := l.Outstanding(ctx, time.Time{}, now); err == nil {
+			t.Error("Outstanding with no cutoff: no error")
+		}
+	})
+}
