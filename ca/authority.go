@@ -86,9 +86,13 @@ type Request struct {
 
 // Certificate is a signed leaf with its chain.
 type Certificate struct {
-	Leaf     *x509.Certificate
-	ChainPEM []string // leaf first, root last
-	Issuer   *Issuer  // the issuer that signed it
+	Leaf   *x509.Certificate
+	Issuer *Issuer // the issuer that signed it
+
+	// ChainPEM is the CreateCertificate answer: the leaf, then one PEM
+	// certificate per intermediate, then every trusted root in one element,
+	// the root the chain ends in first.
+	ChainPEM []string
 }
 
 // TTL returns the lifetime a request for ttl gets: the default for zero,
@@ -181,6 +185,27 @@ func (a *Authority) sign(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.
 	}
 	chain := make([]string, 0, 1+len(is.chainPEM))
 	chain = append(chain, string(EncodePEM(leaf)))
-	chain = append(chain, is.chainPEM...)
+	chain = append(chain, is.chainPEM[:len(is.chainPEM)-1]...)
+	chain = append(chain, trustBundlePEM(is))
 	return &Certificate{Leaf: leaf, ChainPEM: chain, Issuer: is}, nil
+}
+
+// trustBundlePEM is the last element of a response: every trusted root, as
+// istiod sends its whole root-cert.pem, because Istio's agent takes that
+// element verbatim as its ROOTCA and must trust old and new roots during a
+// rotation. The root this chain ends in comes first, for clients that read
+// only the first certificate there; with one root it is that root's PEM,
+// byte for byte.
+func trustBundlePEM(is *Issuer) string {
+	if len(is.roots) == 1 {
+		return is.chainPEM[len(is.chainPEM)-1] // encoded once, not per request
+	}
+	root := is.Root()
+	out := EncodePEM(root)
+	for _, r := range is.roots {
+		if !r.Equal(root) {
+			out = append(out, EncodePEM(r)...)
+		}
+	}
+	return string(out)
 }

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/asn1"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -243,5 +244,65 @@ func TestNewConfigChecks(t *testing.T) {
 		if _, err := ca.New(cfg); err == nil {
 			t.Errorf("New(%+v) accepted a bad config", cfg)
 		}
+	}
+}
+
+// During a root rotation the CA trusts two roots; the answer's last element
+// must carry both, as istiod's does, with the root the chain ends in first.
+func TestIssueChainCarriesEveryRoot(t *testing.T) {
+	_, old := newIssuer(t, keys.Options{})
+	_, cur := newIssuer(t, keys.Options{})
+	for name, bundle := range map[string][]*x509.Certificate{
+		"signing root listed second": {old.RootCert, cur.RootCert},
+		"signing root listed first":  {cur.RootCert, old.RootCert},
+	} {
+		t.Run(name, func(t *testing.T) {
+			is, err := ca.NewIssuer(cur.CACert, cur.CAKey, cur.Chain, bundle, t0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cert, err := newAuthority(t, is, t0).Issue(ca.Request{ID: webID, PublicKey: ecKey(t).Public()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(cert.ChainPEM) != 3 {
+				t.Fatalf("chain has %d elements, want leaf, intermediate, roots", len(cert.ChainPEM))
+			}
+			for i, p := range cert.ChainPEM[:2] {
+				if c, err := ca.ParseCertificatesPEM([]byte(p)); err != nil || len(c) != 1 {
+					t.Errorf("element %d is not one PEM certificate: %d, %v", i, len(c), err)
+				}
+			}
+			roots, err := ca.ParseCertificatesPEM([]byte(cert.ChainPEM[2]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(roots) != 2 || !roots[0].Equal(cur.RootCert) || !roots[1].Equal(old.RootCert) {
+				t.Fatalf("last element holds %d roots, want the signing root then the old one", len(roots))
+			}
+			if err := cur.CACert.CheckSignatureFrom(roots[0]); err != nil {
+				t.Errorf("first root of the last element did not sign the intermediate: %v", err)
+			}
+		})
+	}
+}
+
+// With one root the answer is what it always was: one PEM certificate per
+// element, leaf, the issuer's chain, root last.
+func TestIssueChainOneRootUnchanged(t *testing.T) {
+	is, _ := newIssuer(t, keys.Options{})
+	cert, err := newAuthority(t, is, t0).Issue(ca.Request{ID: webID, PublicKey: ecKey(t).Public()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{string(ca.EncodePEM(cert.Leaf))}
+	for _, c := range is.Chain() {
+		want = append(want, string(ca.EncodePEM(c)))
+	}
+	if !slices.Equal(cert.ChainPEM, want) {
+		t.Errorf("ChainPEM = %q, want %q", cert.ChainPEM, want)
+	}
+	if got := cert.ChainPEM[len(cert.ChainPEM)-1]; got != string(is.RootsPEM()) {
+		t.Errorf("last element = %q, want the trust bundle %q", got, is.RootsPEM())
 	}
 }
