@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +24,7 @@ const caSubdir = "ca"
 type StateDir struct {
 	path string
 	lock *os.File
+	mu   sync.Mutex // one Save at a time: the renewer and a root rotation both write
 }
 
 // OpenStateDir creates path (mode 0700) if needed and locks it.
@@ -94,13 +96,22 @@ func (d *StateDir) Load(context.Context) (*Material, error) {
 	return m, nil
 }
 
-// Save replaces the stored CA with m (a renewed intermediate), atomically;
-// one process owns the directory, so what it replaces is always what it
-// read:
-// the new files are written beside the old ones and the two directories are
-// exchanged in one rename, so a crash leaves either CA whole, never a mix
-// and never none (which would make the next start generate a new root).
-func (d *StateDir) Save(_ context.Context, _ *Material, m *Material) error {
+// Save replaces the stored CA with m (a renewed intermediate, a root
+// rotation's next stage), atomically, unless the store no longer holds prev
+// (ErrStale): the new files are written beside the old ones and the two
+// directories are exchanged in one rename, so a crash leaves either CA
+// whole, never a mix and never none (which would make the next start
+// generate a new root).
+func (d *StateDir) Save(ctx context.Context, prev *Material, m *Material) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	stored, err := d.Load(ctx)
+	if err != nil {
+		return err
+	}
+	if !stored.Equal(prev) {
+		return ErrStale
+	}
 	tmp, err := d.stage(m)
 	if err != nil {
 		return err
@@ -160,7 +171,8 @@ func readFiles(dir string) (map[string][]byte, error) {
 		return nil, fmt.Errorf("keys: %w", err)
 	}
 	files := make(map[string][]byte)
-	for _, name := range []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile, RootKeyFile} {
+	for _, name := range []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile, RootKeyFile,
+		RotationFile, NextRootCertFile, NextRootKeyFile, NextCACertFile, NextCAKeyFile} {
 		data, err := os.ReadFile(filepath.Join(dir, name))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

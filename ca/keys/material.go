@@ -34,6 +34,23 @@ type Material struct {
 	Roots    []*x509.Certificate // the trust bundle
 	RootCert *x509.Certificate   // the root meshid owns; nil for a plug-in CA
 	RootKey  crypto.Signer       // its key; nil for a plug-in CA
+	Rotation *Rotation           // a root rotation under way; nil when none
+}
+
+// Equal reports whether m and o are the same CA in the same rotation stage:
+// what a store compares before replacing what it holds.
+func (m *Material) Equal(o *Material) bool {
+	a, errA := m.Files()
+	b, errB := o.Files()
+	if errA != nil || errB != nil || len(a) != len(b) {
+		return false
+	}
+	for name, data := range a {
+		if !bytes.Equal(data, b[name]) {
+			return false
+		}
+	}
+	return true
 }
 
 // Issuer checks the material and returns the issuer it makes at time now.
@@ -75,6 +92,9 @@ func (m *Material) Files() (map[string][]byte, error) {
 			return nil, err
 		}
 		files[RootKeyFile] = rootKey
+	}
+	if err := m.addRotationFiles(files); err != nil {
+		return nil, err
 	}
 	return files, nil
 }
@@ -138,6 +158,9 @@ func ParseFiles(files map[string][]byte) (*Material, error) {
 		if m.RootCert == nil {
 			return nil, fmt.Errorf("keys: %s matches no certificate in %s", RootKeyFile, RootCertFile)
 		}
+	}
+	if err := m.parseRotation(files); err != nil {
+		return nil, err
 	}
 	return m, nil
 }

@@ -37,8 +37,8 @@ type Renewer struct {
 	Source    *Source
 	Algorithm Algorithm
 	TTL       time.Duration // of a new intermediate
-	// Follow is how often the store is read for a CA renewed elsewhere
-	// (replicas sharing a Secret); 0 never.
+	// Follow is how often the store is read for a CA changed elsewhere (an
+	// intermediate another replica renewed, a root rotation's step); 0 never.
 	Follow time.Duration
 	Now    func() time.Time // nil: time.Now
 	Log    *slog.Logger
@@ -132,9 +132,10 @@ func (r *Renewer) Run(ctx context.Context, m *Material) {
 		case <-time.After(wait):
 		}
 		if r.Follow > 0 {
-			if stored, err := r.Store.Load(ctx); err == nil && !stored.CACert.Equal(m.CACert) && stored.CACert.NotAfter.After(m.CACert.NotAfter) {
+			if stored, err := r.Store.Load(ctx); err == nil && !stored.Equal(m) {
 				if err := r.use(stored); err == nil {
-					r.log().Info("intermediate renewed by another replica; using it", "ca_fingerprint", ca.Fingerprint(stored.CACert))
+					r.log().Info("CA changed in the store (renewed or rotated elsewhere); using it", "ca_fingerprint", ca.Fingerprint(stored.CACert),
+						"root_rotation", stored.RotationStage())
 					m = stored
 				}
 			}

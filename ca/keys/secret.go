@@ -31,9 +31,9 @@ func (s *Secret) Load(ctx context.Context) (*Material, error) {
 // renewed it): read it again instead of overwriting it.
 var ErrStale = errors.New("keys: the stored CA changed meanwhile")
 
-// Save replaces the CA in the Secret with m, a renewed intermediate under
-// the same root, unless another replica has changed it since prev was
-// read (ErrStale): the Secret must never swing back to an older CA.
+// Save replaces the CA in the Secret with m (a renewed intermediate, a root
+// rotation's next stage) unless anyone has changed it since prev was read
+// (ErrStale): the Secret must never swing back to an older CA or stage.
 func (s *Secret) Save(ctx context.Context, prev, m *Material) error {
 	secrets := s.Client.Secrets(s.Namespace)
 	got, err := secrets.Get(ctx, s.Name, metav1.GetOptions{})
@@ -44,7 +44,7 @@ func (s *Secret) Save(ctx context.Context, prev, m *Material) error {
 	if err != nil {
 		return err
 	}
-	if !stored.CACert.Equal(prev.CACert) {
+	if !stored.Equal(prev) {
 		return ErrStale
 	}
 	files, err := m.Files()
