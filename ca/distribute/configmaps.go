@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -204,4 +206,48 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 			queue.Done(ns)
 		}
 	}
+}
+
+// Lagging lists the namespaces (active ones, sorted) whose ConfigMap is
+// missing or lacks one of roots: what a root rotation checks before the new
+// root may sign. It reads the API server, not a cache, so it sees what the
+// kubelets will.
+func (c *ConfigMaps) Lagging(ctx context.Context, roots []*x509.Certificate) ([]string, error) {
+	name, key := c.Name, c.Key
+	if name == "" {
+		name = DefaultName
+	}
+	if key == "" {
+		key = DefaultKey
+	}
+	nss, err := c.Client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("distribute: listing namespaces: %w", err)
+	}
+	cms, err := c.Client.CoreV1().ConfigMaps("").List(ctx, metav1.ListOptions{
+		FieldSelector: fields.OneTermEqualSelector("metadata.name", name).String(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("distribute: listing %s ConfigMaps: %w", name, err)
+	}
+	held := make(map[string][]*x509.Certificate, len(cms.Items))
+	for _, cm := range cms.Items {
+		certs, _ := ca.ParseCertificatesPEM([]byte(cm.Data[key])) // unreadable counts as lagging
+		held[cm.Namespace] = certs
+	}
+	var lagging []string
+	for _, ns := range nss.Items {
+		if ns.Status.Phase == corev1.NamespaceTerminating {
+			continue
+		}
+		have := held[ns.Name]
+		for _, r := range roots {
+			if !slices.ContainsFunc(have, r.Equal) {
+				lagging = append(lagging, ns.Name)
+				break
+			}
+		}
+	}
+	slices.Sort(lagging)
+	return lagging, nil
 }

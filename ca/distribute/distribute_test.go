@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -128,10 +129,25 @@ func TestConfigMaps(t *testing.T) {
 	eventually(t, "deleted bundle recreated", bundleIn(c, "shop", pemOf(first)))
 
 	second := newRoot(t)
+	cms := &distribute.ConfigMaps{Client: c.Client}
+	lagging, err := cms.Lagging(ctx, []*x509.Certificate{first, second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(lagging, "shop") || !slices.Contains(lagging, "billing") {
+		t.Errorf("Lagging before the second root is written = %v, want every namespace", lagging)
+	}
 	rs.set(first, second)
 	for _, ns := range []string{"default", "shop", "billing"} {
 		eventually(t, "both roots in "+ns, bundleIn(c, ns, pemOf(first, second)))
 	}
+	eventually(t, "no namespace lagging", func() error {
+		lagging, err := cms.Lagging(ctx, []*x509.Certificate{first, second})
+		if err == nil && len(lagging) > 0 {
+			err = fmt.Errorf("lagging: %v", lagging)
+		}
+		return err
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
