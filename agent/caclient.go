@@ -67,19 +67,41 @@ func (c *CAClient) Sign(ctx context.Context, csrPEM []byte, token string, ttl ti
 	return ParseChain(resp.GetCertChain())
 }
 
-// ParseChain decodes a CreateCertificate response: at least a leaf and a
-// root, one PEM certificate per element, as Istio's agent requires.
+// ParseChain decodes a CreateCertificate response: the leaf, any
+// intermediates, and last the trust bundle, which during a root rotation
+// holds several roots (istiod sends its whole root-cert.pem there). It
+// returns the leaf and intermediates followed by the one root among those
+// that issued the certificate before it.
 func ParseChain(pemChain []string) ([]*x509.Certificate, error) {
 	if len(pemChain) < 2 {
 		return nil, errors.New("agent: CA returned fewer than 2 certificates")
 	}
+	last := len(pemChain) - 1
 	chain := make([]*x509.Certificate, 0, len(pemChain))
-	for i, p := range pemChain {
+	for i, p := range pemChain[:last] {
 		certs, err := ca.ParseCertificatesPEM([]byte(p))
 		if err != nil {
 			return nil, fmt.Errorf("agent: chain element %d: %w", i, err)
 		}
 		chain = append(chain, certs...)
 	}
-	return chain, nil
+	roots, err := ca.ParseCertificatesPEM([]byte(pemChain[last]))
+	if err != nil {
+		return nil, fmt.Errorf("agent: chain element %d (roots): %w", last, err)
+	}
+	root, err := issuerAmong(chain[len(chain)-1], roots)
+	if err != nil {
+		return nil, err
+	}
+	return append(chain, root), nil
+}
+
+// issuerAmong returns the root among roots whose key signed c.
+func issuerAmong(c *x509.Certificate, roots []*x509.Certificate) (*x509.Certificate, error) {
+	for _, r := range roots {
+		if c.CheckSignatureFrom(r) == nil {
+			return r, nil
+		}
+	}
+	return nil, fmt.Errorf("agent: none of the %d roots the CA sent issued the certificate before them (issuer %q)", len(roots), c.Issuer)
 }

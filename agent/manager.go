@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -26,7 +27,10 @@ import (
 	"github.com/meshid/meshid/ca"
 )
 
-// Signer is the CA as the agent sees it; *CAClient is one.
+// Signer is the CA as the agent sees it; *CAClient is one. Sign returns
+// the leaf first and the root last; during a root rotation the chain may end
+// with every root the CA trusts, of which the agent keeps the one that
+// issued the certificate before them.
 type Signer interface {
 	Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error)
 }
@@ -569,10 +573,42 @@ func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 // svid checks the CA's answer and makes it an SVID sharing the CA's
 // certificates with every other.
 func (s *sharedCerts) svid(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) (*SVID, error) {
+	chain, err := oneRoot(chain)
+	if err != nil {
+		return nil, err
+	}
 	if err := checkChain(id, key, chain); err != nil {
 		return nil, err
 	}
 	return newSVID(id, chain[0], s.tail(chain[1:len(chain)-1]), key, s.root(chain[len(chain)-1]))
+}
+
+// oneRoot returns chain ending in the one root that issued the certificate
+// before the roots. A Signer that flattens a CreateCertificate answer made
+// during a root rotation ends the chain with every trusted root: they are
+// the self-signed certificates after the leaf. Verifying against the wrong
+// one would refuse a good certificate, and serving it as the SVID's root
+// would mislead.
+func oneRoot(chain []*x509.Certificate) ([]*x509.Certificate, error) {
+	if len(chain) < 2 {
+		return nil, errors.New("agent: CA returned fewer than 2 certificates")
+	}
+	first := len(chain) - 1 // chain[first:] are the roots; the last always counts as one
+	for first > 1 && selfSigned(chain[first-1]) {
+		first--
+	}
+	if first == len(chain)-1 {
+		return chain, nil // one root: checkChain verifies it
+	}
+	root, err := issuerAmong(chain[first-1], chain[first:])
+	if err != nil {
+		return nil, err
+	}
+	return append(slices.Clip(chain[:first]), root), nil
+}
+
+func selfSigned(c *x509.Certificate) bool {
+	return bytes.Equal(c.RawSubject, c.RawIssuer) && c.CheckSignatureFrom(c) == nil
 }
 
 // checkChain makes sure the CA answered with a certificate for id and key,
