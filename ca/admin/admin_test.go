@@ -204,6 +204,29 @@ func TestRefusesNonAdmins(t *testing.T) {
 				},
 				"GetBundle": func() error { _, err := tc.client.GetBundle(ctx(t), &adminpb.GetBundleRequest{}); return err },
 				"GetStatus": func() error { _, err := tc.client.GetStatus(ctx(t), &adminpb.GetStatusRequest{}); return err },
+				"GetCertificate": func() error {
+					_, err := tc.client.GetCertificate(ctx(t), &adminpb.GetCertificateRequest{Serial: "1"})
+					return err
+				},
+				"AllowIdentity": func() error {
+					_, err := tc.client.AllowIdentity(ctx(t), &adminpb.AllowIdentityRequest{SpiffeId: webID.String()})
+					return err
+				},
+				"GetRootRotation": func() error {
+					_, err := tc.client.GetRootRotation(ctx(t), &adminpb.GetRootRotationRequest{})
+					return err
+				},
+				"AdvanceRootRotation": func() error {
+					_, err := tc.client.AdvanceRootRotation(ctx(t), &adminpb.AdvanceRootRotationRequest{FromStage: "none", Force: true})
+					return err
+				},
+				"AbortRootRotation": func() error {
+					_, err := tc.client.AbortRootRotation(ctx(t), &adminpb.AbortRootRotationRequest{FromStage: "prepared"})
+					return err
+				},
+			}
+			if len(calls) != len(adminpb.Admin_ServiceDesc.Methods) {
+				t.Fatalf("%d methods tried, the service has %d: add the new ones", len(calls), len(adminpb.Admin_ServiceDesc.Methods))
 			}
 			for name, call := range calls {
 				if err := call(); status.Code(err) != tc.code {

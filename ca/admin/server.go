@@ -17,6 +17,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin/adminpb"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/rotation"
 )
 
 // Config wires a Server.
@@ -29,6 +30,7 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	CASource    string
 	Admins      *Admins
+	Rotator     *rotation.Rotator // nil for a plug-in CA
 	Log         *slog.Logger
 	Now         func() time.Time // nil: time.Now
 }

@@ -1107,6 +1107,324 @@ func (x *LedgerStatus) GetError() string {
 	return ""
 }
 
+type GetRootRotationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRootRotationRequest) Reset() {
+	*x = GetRootRotationRequest{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRootRotationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRootRotationRequest) ProtoMessage() {}
+
+func (x *GetRootRotationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRootRotationRequest.ProtoReflect.Descriptor instead.
+func (*GetRootRotationRequest) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{17}
+}
+
+type AdvanceRootRotationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FromStage     string                 `protobuf:"bytes,1,opt,name=from_stage,json=fromStage,proto3" json:"from_stage,omitempty"` // the stage the caller saw: none, prepared, distributed or switched
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`                         // take the step even if checks fail (logged)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdvanceRootRotationRequest) Reset() {
+	*x = AdvanceRootRotationRequest{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdvanceRootRotationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdvanceRootRotationRequest) ProtoMessage() {}
+
+func (x *AdvanceRootRotationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdvanceRootRotationRequest.ProtoReflect.Descriptor instead.
+func (*AdvanceRootRotationRequest) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *AdvanceRootRotationRequest) GetFromStage() string {
+	if x != nil {
+		return x.FromStage
+	}
+	return ""
+}
+
+func (x *AdvanceRootRotationRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type AbortRootRotationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FromStage     string                 `protobuf:"bytes,1,opt,name=from_stage,json=fromStage,proto3" json:"from_stage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortRootRotationRequest) Reset() {
+	*x = AbortRootRotationRequest{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortRootRotationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortRootRotationRequest) ProtoMessage() {}
+
+func (x *AbortRootRotationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortRootRotationRequest.ProtoReflect.Descriptor instead.
+func (*AbortRootRotationRequest) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *AbortRootRotationRequest) GetFromStage() string {
+	if x != nil {
+		return x.FromStage
+	}
+	return ""
+}
+
+type RootRotation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// none, prepared (new root made, trusted nowhere), distributed (both
+	// roots trusted, old signs), switched (both trusted, new signs).
+	Stage         string                 `protobuf:"bytes,1,opt,name=stage,proto3" json:"stage,omitempty"`
+	NextStep      string                 `protobuf:"bytes,2,opt,name=next_step,json=nextStep,proto3" json:"next_step,omitempty"` // prepare, distribute, switch or retire
+	Checks        []*RotationCheck       `protobuf:"bytes,3,rep,name=checks,proto3" json:"checks,omitempty"`                     // of next_step
+	Roots         []*CACertificate       `protobuf:"bytes,4,rep,name=roots,proto3" json:"roots,omitempty"`                       // trusted now
+	SigningRoot   *CACertificate         `protobuf:"bytes,5,opt,name=signing_root,json=signingRoot,proto3" json:"signing_root,omitempty"`
+	NextRoot      *CACertificate         `protobuf:"bytes,6,opt,name=next_root,json=nextRoot,proto3" json:"next_root,omitempty"` // prepared or distributed
+	OldRoots      []*CACertificate       `protobuf:"bytes,7,rep,name=old_roots,json=oldRoots,proto3" json:"old_roots,omitempty"` // switched: what retire removes
+	StartedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	DistributedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=distributed_at,json=distributedAt,proto3" json:"distributed_at,omitempty"`
+	SwitchedAt    *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=switched_at,json=switchedAt,proto3" json:"switched_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RootRotation) Reset() {
+	*x = RootRotation{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RootRotation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RootRotation) ProtoMessage() {}
+
+func (x *RootRotation) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RootRotation.ProtoReflect.Descriptor instead.
+func (*RootRotation) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RootRotation) GetStage() string {
+	if x != nil {
+		return x.Stage
+	}
+	return ""
+}
+
+func (x *RootRotation) GetNextStep() string {
+	if x != nil {
+		return x.NextStep
+	}
+	return ""
+}
+
+func (x *RootRotation) GetChecks() []*RotationCheck {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+func (x *RootRotation) GetRoots() []*CACertificate {
+	if x != nil {
+		return x.Roots
+	}
+	return nil
+}
+
+func (x *RootRotation) GetSigningRoot() *CACertificate {
+	if x != nil {
+		return x.SigningRoot
+	}
+	return nil
+}
+
+func (x *RootRotation) GetNextRoot() *CACertificate {
+	if x != nil {
+		return x.NextRoot
+	}
+	return nil
+}
+
+func (x *RootRotation) GetOldRoots() []*CACertificate {
+	if x != nil {
+		return x.OldRoots
+	}
+	return nil
+}
+
+func (x *RootRotation) GetStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartedAt
+	}
+	return nil
+}
+
+func (x *RootRotation) GetDistributedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DistributedAt
+	}
+	return nil
+}
+
+func (x *RootRotation) GetSwitchedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SwitchedAt
+	}
+	return nil
+}
+
+type RotationCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // root-key, next-ca, replicas, configmaps, propagation, workloads
+	Passed        bool                   `protobuf:"varint,2,opt,name=passed,proto3" json:"passed,omitempty"`
+	Detail        string                 `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	ExpectedAt    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expected_at,json=expectedAt,proto3" json:"expected_at,omitempty"` // when it should pass, if known
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotationCheck) Reset() {
+	*x = RotationCheck{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotationCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotationCheck) ProtoMessage() {}
+
+func (x *RotationCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotationCheck.ProtoReflect.Descriptor instead.
+func (*RotationCheck) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RotationCheck) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RotationCheck) GetPassed() bool {
+	if x != nil {
+		return x.Passed
+	}
+	return false
+}
+
+func (x *RotationCheck) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+func (x *RotationCheck) GetExpectedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpectedAt
+	}
+	return nil
+}
+
 var File_ca_admin_adminpb_admin_proto protoreflect.FileDescriptor
 
 const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
@@ -1197,7 +1515,35 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\fLedgerStatus\x12\x16\n" +
 	"\x06driver\x18\x01 \x01(\tR\x06driver\x12\x1c\n" +
 	"\treachable\x18\x02 \x01(\bR\treachable\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error2\xec\x04\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\x18\n" +
+	"\x16GetRootRotationRequest\"Q\n" +
+	"\x1aAdvanceRootRotationRequest\x12\x1d\n" +
+	"\n" +
+	"from_stage\x18\x01 \x01(\tR\tfromStage\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"9\n" +
+	"\x18AbortRootRotationRequest\x12\x1d\n" +
+	"\n" +
+	"from_stage\x18\x01 \x01(\tR\tfromStage\"\xa7\x04\n" +
+	"\fRootRotation\x12\x14\n" +
+	"\x05stage\x18\x01 \x01(\tR\x05stage\x12\x1b\n" +
+	"\tnext_step\x18\x02 \x01(\tR\bnextStep\x126\n" +
+	"\x06checks\x18\x03 \x03(\v2\x1e.meshid.admin.v1.RotationCheckR\x06checks\x124\n" +
+	"\x05roots\x18\x04 \x03(\v2\x1e.meshid.admin.v1.CACertificateR\x05roots\x12A\n" +
+	"\fsigning_root\x18\x05 \x01(\v2\x1e.meshid.admin.v1.CACertificateR\vsigningRoot\x12;\n" +
+	"\tnext_root\x18\x06 \x01(\v2\x1e.meshid.admin.v1.CACertificateR\bnextRoot\x12;\n" +
+	"\told_roots\x18\a \x03(\v2\x1e.meshid.admin.v1.CACertificateR\boldRoots\x129\n" +
+	"\n" +
+	"started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12A\n" +
+	"\x0edistributed_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\rdistributedAt\x12;\n" +
+	"\vswitched_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"switchedAt\"\x90\x01\n" +
+	"\rRotationCheck\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06passed\x18\x02 \x01(\bR\x06passed\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\x12;\n" +
+	"\vexpected_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expectedAt2\x89\a\n" +
 	"\x05Admin\x12a\n" +
 	"\x0eListIdentities\x12&.meshid.admin.v1.ListIdentitiesRequest\x1a'.meshid.admin.v1.ListIdentitiesResponse\x12g\n" +
 	"\x10ListCertificates\x12(.meshid.admin.v1.ListCertificatesRequest\x1a).meshid.admin.v1.ListCertificatesResponse\x12V\n" +
@@ -1205,7 +1551,10 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\fDenyIdentity\x12$.meshid.admin.v1.DenyIdentityRequest\x1a\x17.meshid.admin.v1.Denial\x12^\n" +
 	"\rAllowIdentity\x12%.meshid.admin.v1.AllowIdentityRequest\x1a&.meshid.admin.v1.AllowIdentityResponse\x12G\n" +
 	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\x17.meshid.admin.v1.Bundle\x12G\n" +
-	"\tGetStatus\x12!.meshid.admin.v1.GetStatusRequest\x1a\x17.meshid.admin.v1.StatusB+Z)github.com/meshid/meshid/ca/admin/adminpbb\x06proto3"
+	"\tGetStatus\x12!.meshid.admin.v1.GetStatusRequest\x1a\x17.meshid.admin.v1.Status\x12Y\n" +
+	"\x0fGetRootRotation\x12'.meshid.admin.v1.GetRootRotationRequest\x1a\x1d.meshid.admin.v1.RootRotation\x12a\n" +
+	"\x13AdvanceRootRotation\x12+.meshid.admin.v1.AdvanceRootRotationRequest\x1a\x1d.meshid.admin.v1.RootRotation\x12]\n" +
+	"\x11AbortRootRotation\x12).meshid.admin.v1.AbortRootRotationRequest\x1a\x1d.meshid.admin.v1.RootRotationB+Z)github.com/meshid/meshid/ca/admin/adminpbb\x06proto3"
 
 var (
 	file_ca_admin_adminpb_admin_proto_rawDescOnce sync.Once
@@ -1219,65 +1568,85 @@ func file_ca_admin_adminpb_admin_proto_rawDescGZIP() []byte {
 	return file_ca_admin_adminpb_admin_proto_rawDescData
 }
 
-var file_ca_admin_adminpb_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_ca_admin_adminpb_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_ca_admin_adminpb_admin_proto_goTypes = []any{
-	(*Certificate)(nil),              // 0: meshid.admin.v1.Certificate
-	(*ListCertificatesRequest)(nil),  // 1: meshid.admin.v1.ListCertificatesRequest
-	(*ListCertificatesResponse)(nil), // 2: meshid.admin.v1.ListCertificatesResponse
-	(*GetCertificateRequest)(nil),    // 3: meshid.admin.v1.GetCertificateRequest
-	(*Identity)(nil),                 // 4: meshid.admin.v1.Identity
-	(*ListIdentitiesRequest)(nil),    // 5: meshid.admin.v1.ListIdentitiesRequest
-	(*ListIdentitiesResponse)(nil),   // 6: meshid.admin.v1.ListIdentitiesResponse
-	(*Denial)(nil),                   // 7: meshid.admin.v1.Denial
-	(*DenyIdentityRequest)(nil),      // 8: meshid.admin.v1.DenyIdentityRequest
-	(*AllowIdentityRequest)(nil),     // 9: meshid.admin.v1.AllowIdentityRequest
-	(*AllowIdentityResponse)(nil),    // 10: meshid.admin.v1.AllowIdentityResponse
-	(*GetBundleRequest)(nil),         // 11: meshid.admin.v1.GetBundleRequest
-	(*Bundle)(nil),                   // 12: meshid.admin.v1.Bundle
-	(*GetStatusRequest)(nil),         // 13: meshid.admin.v1.GetStatusRequest
-	(*Status)(nil),                   // 14: meshid.admin.v1.Status
-	(*CACertificate)(nil),            // 15: meshid.admin.v1.CACertificate
-	(*LedgerStatus)(nil),             // 16: meshid.admin.v1.LedgerStatus
-	(*timestamppb.Timestamp)(nil),    // 17: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 18: google.protobuf.Duration
+	(*Certificate)(nil),                // 0: meshid.admin.v1.Certificate
+	(*ListCertificatesRequest)(nil),    // 1: meshid.admin.v1.ListCertificatesRequest
+	(*ListCertificatesResponse)(nil),   // 2: meshid.admin.v1.ListCertificatesResponse
+	(*GetCertificateRequest)(nil),      // 3: meshid.admin.v1.GetCertificateRequest
+	(*Identity)(nil),                   // 4: meshid.admin.v1.Identity
+	(*ListIdentitiesRequest)(nil),      // 5: meshid.admin.v1.ListIdentitiesRequest
+	(*ListIdentitiesResponse)(nil),     // 6: meshid.admin.v1.ListIdentitiesResponse
+	(*Denial)(nil),                     // 7: meshid.admin.v1.Denial
+	(*DenyIdentityRequest)(nil),        // 8: meshid.admin.v1.DenyIdentityRequest
+	(*AllowIdentityRequest)(nil),       // 9: meshid.admin.v1.AllowIdentityRequest
+	(*AllowIdentityResponse)(nil),      // 10: meshid.admin.v1.AllowIdentityResponse
+	(*GetBundleRequest)(nil),           // 11: meshid.admin.v1.GetBundleRequest
+	(*Bundle)(nil),                     // 12: meshid.admin.v1.Bundle
+	(*GetStatusRequest)(nil),           // 13: meshid.admin.v1.GetStatusRequest
+	(*Status)(nil),                     // 14: meshid.admin.v1.Status
+	(*CACertificate)(nil),              // 15: meshid.admin.v1.CACertificate
+	(*LedgerStatus)(nil),               // 16: meshid.admin.v1.LedgerStatus
+	(*GetRootRotationRequest)(nil),     // 17: meshid.admin.v1.GetRootRotationRequest
+	(*AdvanceRootRotationRequest)(nil), // 18: meshid.admin.v1.AdvanceRootRotationRequest
+	(*AbortRootRotationRequest)(nil),   // 19: meshid.admin.v1.AbortRootRotationRequest
+	(*RootRotation)(nil),               // 20: meshid.admin.v1.RootRotation
+	(*RotationCheck)(nil),              // 21: meshid.admin.v1.RotationCheck
+	(*timestamppb.Timestamp)(nil),      // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 23: google.protobuf.Duration
 }
 var file_ca_admin_adminpb_admin_proto_depIdxs = []int32{
-	17, // 0: meshid.admin.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
-	17, // 1: meshid.admin.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
-	17, // 2: meshid.admin.v1.Certificate.issued_at:type_name -> google.protobuf.Timestamp
-	17, // 3: meshid.admin.v1.ListCertificatesRequest.issued_since:type_name -> google.protobuf.Timestamp
-	18, // 4: meshid.admin.v1.ListCertificatesRequest.expiring_within:type_name -> google.protobuf.Duration
+	22, // 0: meshid.admin.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
+	22, // 1: meshid.admin.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
+	22, // 2: meshid.admin.v1.Certificate.issued_at:type_name -> google.protobuf.Timestamp
+	22, // 3: meshid.admin.v1.ListCertificatesRequest.issued_since:type_name -> google.protobuf.Timestamp
+	23, // 4: meshid.admin.v1.ListCertificatesRequest.expiring_within:type_name -> google.protobuf.Duration
 	0,  // 5: meshid.admin.v1.ListCertificatesResponse.certificates:type_name -> meshid.admin.v1.Certificate
-	17, // 6: meshid.admin.v1.Identity.last_issued:type_name -> google.protobuf.Timestamp
-	17, // 7: meshid.admin.v1.Identity.soonest_expiry:type_name -> google.protobuf.Timestamp
+	22, // 6: meshid.admin.v1.Identity.last_issued:type_name -> google.protobuf.Timestamp
+	22, // 7: meshid.admin.v1.Identity.soonest_expiry:type_name -> google.protobuf.Timestamp
 	7,  // 8: meshid.admin.v1.Identity.denial:type_name -> meshid.admin.v1.Denial
 	4,  // 9: meshid.admin.v1.ListIdentitiesResponse.identities:type_name -> meshid.admin.v1.Identity
-	17, // 10: meshid.admin.v1.Denial.denied_at:type_name -> google.protobuf.Timestamp
+	22, // 10: meshid.admin.v1.Denial.denied_at:type_name -> google.protobuf.Timestamp
 	15, // 11: meshid.admin.v1.Status.root:type_name -> meshid.admin.v1.CACertificate
 	15, // 12: meshid.admin.v1.Status.intermediate:type_name -> meshid.admin.v1.CACertificate
 	15, // 13: meshid.admin.v1.Status.serving:type_name -> meshid.admin.v1.CACertificate
 	16, // 14: meshid.admin.v1.Status.ledger:type_name -> meshid.admin.v1.LedgerStatus
-	17, // 15: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
-	17, // 16: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
-	5,  // 17: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
-	1,  // 18: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
-	3,  // 19: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
-	8,  // 20: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
-	9,  // 21: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
-	11, // 22: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 23: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
-	6,  // 24: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
-	2,  // 25: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
-	0,  // 26: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
-	7,  // 27: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
-	10, // 28: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
-	12, // 29: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
-	14, // 30: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
-	24, // [24:31] is the sub-list for method output_type
-	17, // [17:24] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	22, // 15: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
+	22, // 16: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
+	21, // 17: meshid.admin.v1.RootRotation.checks:type_name -> meshid.admin.v1.RotationCheck
+	15, // 18: meshid.admin.v1.RootRotation.roots:type_name -> meshid.admin.v1.CACertificate
+	15, // 19: meshid.admin.v1.RootRotation.signing_root:type_name -> meshid.admin.v1.CACertificate
+	15, // 20: meshid.admin.v1.RootRotation.next_root:type_name -> meshid.admin.v1.CACertificate
+	15, // 21: meshid.admin.v1.RootRotation.old_roots:type_name -> meshid.admin.v1.CACertificate
+	22, // 22: meshid.admin.v1.RootRotation.started_at:type_name -> google.protobuf.Timestamp
+	22, // 23: meshid.admin.v1.RootRotation.distributed_at:type_name -> google.protobuf.Timestamp
+	22, // 24: meshid.admin.v1.RootRotation.switched_at:type_name -> google.protobuf.Timestamp
+	22, // 25: meshid.admin.v1.RotationCheck.expected_at:type_name -> google.protobuf.Timestamp
+	5,  // 26: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
+	1,  // 27: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
+	3,  // 28: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
+	8,  // 29: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
+	9,  // 30: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
+	11, // 31: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 32: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
+	17, // 33: meshid.admin.v1.Admin.GetRootRotation:input_type -> meshid.admin.v1.GetRootRotationRequest
+	18, // 34: meshid.admin.v1.Admin.AdvanceRootRotation:input_type -> meshid.admin.v1.AdvanceRootRotationRequest
+	19, // 35: meshid.admin.v1.Admin.AbortRootRotation:input_type -> meshid.admin.v1.AbortRootRotationRequest
+	6,  // 36: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
+	2,  // 37: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
+	0,  // 38: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
+	7,  // 39: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
+	10, // 40: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
+	12, // 41: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
+	14, // 42: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
+	20, // 43: meshid.admin.v1.Admin.GetRootRotation:output_type -> meshid.admin.v1.RootRotation
+	20, // 44: meshid.admin.v1.Admin.AdvanceRootRotation:output_type -> meshid.admin.v1.RootRotation
+	20, // 45: meshid.admin.v1.Admin.AbortRootRotation:output_type -> meshid.admin.v1.RootRotation
+	36, // [36:46] is the sub-list for method output_type
+	26, // [26:36] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_ca_admin_adminpb_admin_proto_init() }
@@ -1291,7 +1660,7 @@ func file_ca_admin_adminpb_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ca_admin_adminpb_admin_proto_rawDesc), len(file_ca_admin_adminpb_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,13 +24,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_ListIdentities_FullMethodName   = "/meshid.admin.v1.Admin/ListIdentities"
-	Admin_ListCertificates_FullMethodName = "/meshid.admin.v1.Admin/ListCertificates"
-	Admin_GetCertificate_FullMethodName   = "/meshid.admin.v1.Admin/GetCertificate"
-	Admin_DenyIdentity_FullMethodName     = "/meshid.admin.v1.Admin/DenyIdentity"
-	Admin_AllowIdentity_FullMethodName    = "/meshid.admin.v1.Admin/AllowIdentity"
-	Admin_GetBundle_FullMethodName        = "/meshid.admin.v1.Admin/GetBundle"
-	Admin_GetStatus_FullMethodName        = "/meshid.admin.v1.Admin/GetStatus"
+	Admin_ListIdentities_FullMethodName      = "/meshid.admin.v1.Admin/ListIdentities"
+	Admin_ListCertificates_FullMethodName    = "/meshid.admin.v1.Admin/ListCertificates"
+	Admin_GetCertificate_FullMethodName      = "/meshid.admin.v1.Admin/GetCertificate"
+	Admin_DenyIdentity_FullMethodName        = "/meshid.admin.v1.Admin/DenyIdentity"
+	Admin_AllowIdentity_FullMethodName       = "/meshid.admin.v1.Admin/AllowIdentity"
+	Admin_GetBundle_FullMethodName           = "/meshid.admin.v1.Admin/GetBundle"
+	Admin_GetStatus_FullMethodName           = "/meshid.admin.v1.Admin/GetStatus"
+	Admin_GetRootRotation_FullMethodName     = "/meshid.admin.v1.Admin/GetRootRotation"
+	Admin_AdvanceRootRotation_FullMethodName = "/meshid.admin.v1.Admin/AdvanceRootRotation"
+	Admin_AbortRootRotation_FullMethodName   = "/meshid.admin.v1.Admin/AbortRootRotation"
 )
 
 // AdminClient is the client API for Admin service.
@@ -50,6 +53,14 @@ type AdminClient interface {
 	GetBundle(ctx context.Context, in *GetBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
 	// The CA's health: keys, certificates and their lifetimes, ledger.
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*Status, error)
+	// Where a root rotation stands and what its next step waits for.
+	GetRootRotation(ctx context.Context, in *GetRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error)
+	// Takes the next step of a root rotation (starting one from stage
+	// "none"), if the rotation is still at from_stage (else ABORTED) and every
+	// check passes (else FAILED_PRECONDITION, checks in the message).
+	AdvanceRootRotation(ctx context.Context, in *AdvanceRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error)
+	// Drops a rotation that has not switched yet.
+	AbortRootRotation(ctx context.Context, in *AbortRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error)
 }
 
 type adminClient struct {
@@ -130,6 +141,36 @@ func (c *adminClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) GetRootRotation(ctx context.Context, in *GetRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RootRotation)
+	err := c.cc.Invoke(ctx, Admin_GetRootRotation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) AdvanceRootRotation(ctx context.Context, in *AdvanceRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RootRotation)
+	err := c.cc.Invoke(ctx, Admin_AdvanceRootRotation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) AbortRootRotation(ctx context.Context, in *AbortRootRotationRequest, opts ...grpc.CallOption) (*RootRotation, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RootRotation)
+	err := c.cc.Invoke(ctx, Admin_AbortRootRotation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -147,6 +188,14 @@ type AdminServer interface {
 	GetBundle(context.Context, *GetBundleRequest) (*Bundle, error)
 	// The CA's health: keys, certificates and their lifetimes, ledger.
 	GetStatus(context.Context, *GetStatusRequest) (*Status, error)
+	// Where a root rotation stands and what its next step waits for.
+	GetRootRotation(context.Context, *GetRootRotationRequest) (*RootRotation, error)
+	// Takes the next step of a root rotation (starting one from stage
+	// "none"), if the rotation is still at from_stage (else ABORTED) and every
+	// check passes (else FAILED_PRECONDITION, checks in the message).
+	AdvanceRootRotation(context.Context, *AdvanceRootRotationRequest) (*RootRotation, error)
+	// Drops a rotation that has not switched yet.
+	AbortRootRotation(context.Context, *AbortRootRotationRequest) (*RootRotation, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -177,6 +226,15 @@ func (UnimplementedAdminServer) GetBundle(context.Context, *GetBundleRequest) (*
 }
 func (UnimplementedAdminServer) GetStatus(context.Context, *GetStatusRequest) (*Status, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
+}
+func (UnimplementedAdminServer) GetRootRotation(context.Context, *GetRootRotationRequest) (*RootRotation, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetRootRotation not implemented")
+}
+func (UnimplementedAdminServer) AdvanceRootRotation(context.Context, *AdvanceRootRotationRequest) (*RootRotation, error) {
+	return nil, status.Error(codes.Unimplemented, "method AdvanceRootRotation not implemented")
+}
+func (UnimplementedAdminServer) AbortRootRotation(context.Context, *AbortRootRotationRequest) (*RootRotation, error) {
+	return nil, status.Error(codes.Unimplemented, "method AbortRootRotation not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -325,6 +383,60 @@ func _Admin_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_GetRootRotation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetRootRotationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetRootRotation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetRootRotation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetRootRotation(ctx, req.(*GetRootRotationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_AdvanceRootRotation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AdvanceRootRotationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).AdvanceRootRotation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_AdvanceRootRotation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).AdvanceRootRotation(ctx, req.(*AdvanceRootRotationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_AbortRootRotation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AbortRootRotationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).AbortRootRotation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_AbortRootRotation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).AbortRootRotation(ctx, req.(*AbortRootRotationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -359,6 +471,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetStatus",
 			Handler:    _Admin_GetStatus_Handler,
+		},
+		{
+			MethodName: "GetRootRotation",
+			Handler:    _Admin_GetRootRotation_Handler,
+		},
+		{
+			MethodName: "AdvanceRootRotation",
+			Handler:    _Admin_AdvanceRootRotation_Handler,
+		},
+		{
+			MethodName: "AbortRootRotation",
+			Handler:    _Admin_AbortRootRotation_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
