@@ -32,6 +32,7 @@ import (
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
@@ -94,6 +95,15 @@ func run(ctx context.Context, o *options) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := server.NewMetrics(reg, &issuers)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meshid_ca_trusted_roots",
+		Help: "Roots in the trust bundle this replica serves: 2 during a root rotation, 1 otherwise.",
+	}, func() float64 {
+		if is := issuers.Issuer(); is != nil {
+			return float64(len(is.Roots()))
+		}
+		return 0
+	}))
 
 	authority, err := ca.New(ca.Config{Issuers: &issuers, DefaultTTL: o.defaultTTL, MaxTTL: o.maxTTL})
 	if err != nil {
@@ -149,13 +159,17 @@ func run(ctx context.Context, o *options) error {
 		logIssuer(log, "plug-in CA loaded", is)
 		go p.Watch(ctx, &issuers, o.pluginPoll, log, metrics.PluginReloaded)
 	}
+	// A CA meshid generated lives in a store: the state directory, or a
+	// Secret the replicas share. Both renewal and root rotation write it.
+	var store keys.Store
 	if o.caSource == sourceDir {
 		dir, err := keys.OpenStateDir(o.stateDir)
 		if err != nil {
 			return err
 		}
 		defer dir.Close()
-		r := renewer(o, dir, &issuers, 0, log, reg)
+		store = dir
+		r := renewer(o, dir, &issuers, o.caSync, log, reg)
 		m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 			return dir.LoadOrCreate(create)
 		})
@@ -164,6 +178,24 @@ func run(ctx context.Context, o *options) error {
 		}
 		issuers.Set(is)
 		go r.Run(ctx, m)
+	}
+
+	if o.caSource == sourceSecret {
+		store = &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
+	}
+	var rotator *rotation.Rotator
+	if store != nil {
+		var bundles rotation.Bundles
+		if o.bundleConfigMap != "" && kube != nil {
+			bundles = &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap}
+		}
+		rotator, err = rotation.New(rotation.Config{
+			Store: store, Source: &issuers, Algorithm: o.algorithm, RootTTL: o.rootTTL, IntermediateTTL: o.intermediateTTL,
+			Ledger: led, Bundles: bundles, Sync: o.caSync, Propagation: o.rootPropagation, Log: log,
+		})
+		if err != nil {
+			return err
+		}
 	}
 
 	var tlsConfig *tls.Config
@@ -222,6 +254,7 @@ func run(ctx context.Context, o *options) error {
 			TrustDomain: o.td,
 			CASource:    o.caSource,
 			Admins:      &admin.Admins{IDs: o.admins, ServiceAccounts: o.adminSAs, Auth: authn},
+			Rotator:     rotator,
 			Log:         log,
 		})
 		if err != nil {
@@ -298,14 +331,14 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	if o.caSource == sourceSecret {
-		store := &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
+		secret := store.(*keys.Secret)
 		go func() {
-			// Replicas share the Secret: each also reads it every 30s for
-			// an intermediate another one renewed.
-			r := renewer(o, store, &issuers, 30*time.Second, log, reg)
+			// Replicas share the Secret: each also reads it every
+			// --ca-sync-interval for another one's renewal or rotation step.
+			r := renewer(o, secret, &issuers, o.caSync, log, reg)
 			m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
-					return store.LoadOrCreate(ctx, create)
+					return secret.LoadOrCreate(ctx, create)
 				})
 			})
 			if err != nil {
@@ -427,8 +460,11 @@ func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Re
 	if created {
 		msg = "CA generated"
 	}
-	root := m.Roots[len(m.Roots)-1]
-	log.Info(msg,
+	root := m.RootCert
+	if root == nil {
+		root = m.Roots[len(m.Roots)-1]
+	}
+	log.Info(msg, "root_rotation", m.RotationStage(), "trusted_roots", len(m.Roots),
 		"root_fingerprint", ca.Fingerprint(root), "root_not_after", root.NotAfter.UTC(),
 		"ca_fingerprint", ca.Fingerprint(m.CACert), "ca_not_after", m.CACert.NotAfter.UTC(),
 		"key", keyDescription(m.CACert))

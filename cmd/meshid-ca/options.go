@@ -79,6 +79,8 @@ type options struct {
 	denyRefresh     time.Duration
 	bundleConfigMap string
 	leaderLease     string
+	caSync          time.Duration
+	rootPropagation time.Duration
 	podName         string
 	bundleAddr      string
 	bundleID        string
@@ -139,6 +141,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.adminSAs, "admin-service-accounts", nil, "service accounts (namespace/name) whose tokens may use the admin API")
 	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
 	fs.StringVar(&o.bundleConfigMap, "bundle-configmap", "istio-ca-root-cert", "ConfigMap (key root-cert.pem) the leader keeps in every namespace with the roots trusted now; empty disables. Needs the API server (not reached with --auth=jwks and --ca-source dir or plugin)")
+	fs.DurationVar(&o.caSync, "ca-sync-interval", 30*time.Second, "how often the stored CA is re-read for changes made elsewhere (another replica's intermediate renewal, a root rotation step); a root rotation waits this long after each step")
+	fs.DurationVar(&o.rootPropagation, "root-propagation", 2*time.Minute, "how long a root rotation waits after distributing a new root before signing with it: kubelets refresh mounted ConfigMaps about once a minute, plus their cache")
 	fs.StringVar(&o.leaderLease, "leader-election-lease", "meshid-ca-leader", "Lease in --namespace through which one replica is elected for singleton work (the trust-bundle ConfigMaps)")
 	fs.StringVar(&o.bundleAddr, "bundle-endpoint-addr", ":8443", "address of the SPIFFE bundle endpoint (HTTPS, SPIFFE authentication) other trust domains federate with; empty disables")
 	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
@@ -290,6 +294,12 @@ func (o *options) complete() error {
 		if ns, name, ok := strings.Cut(sa, "/"); !ok || ns == "" || name == "" || strings.Contains(name, "/") {
 			bad("--admin-service-accounts: %q is not namespace/name", sa)
 		}
+	}
+	if o.caSync <= 0 {
+		bad("--ca-sync-interval must be positive")
+	}
+	if o.rootPropagation < 0 {
+		bad("--root-propagation must not be negative")
 	}
 	if o.bundleConfigMap != "" && o.leaderLease == "" {
 		bad("--bundle-configmap needs --leader-election-lease: only one replica may write the ConfigMaps")
