@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -18,6 +20,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin/adminpb"
 )
 
@@ -31,6 +34,41 @@ type serverFlags struct {
 	token      string
 	tokenFile  string
 	timeout    time.Duration
+
+	mu      sync.Mutex
+	trusted []*x509.Certificate // --ca-file's roots and any trust adds
+}
+
+// trust adds roots meshid-ca reported over a connection already verified:
+// during a root rotation its certificate moves to the new root, and a
+// command that outlives the switch (rotate --wait) must still reconnect.
+func (f *serverFlags) trust(roots []*x509.Certificate) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, r := range roots {
+		if !slices.ContainsFunc(f.trusted, r.Equal) {
+			f.trusted = append(f.trusted, r)
+		}
+	}
+}
+
+// verify checks the CA's certificate chain against the roots trusted now.
+func (f *serverFlags) verify(cs tls.ConnectionState) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("meshid-ca presented no certificate")
+	}
+	f.mu.Lock()
+	roots := x509.NewCertPool()
+	for _, r := range f.trusted {
+		roots.AddCert(r)
+	}
+	f.mu.Unlock()
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: cs.ServerName, Roots: roots, Intermediates: inter})
+	return err
 }
 
 func (f *serverFlags) add(cmd *cobra.Command) {
@@ -67,11 +105,14 @@ func (f *serverFlags) dial() (adminpb.AdminClient, func(), error) {
 	if err != nil {
 		return nil, nil, usageErrorf("--ca-file: %v", err)
 	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(pemRoots) {
-		return nil, nil, usageErrorf("--ca-file %s holds no PEM certificate", f.caFile)
+	roots, err := ca.ParseCertificatesPEM(pemRoots)
+	if err != nil {
+		return nil, nil, usageErrorf("--ca-file %s: %v", f.caFile, err)
 	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, ServerName: f.serverName}
+	f.trust(roots)
+	// Go's own verification is replaced by verify, which reads the roots
+	// at each handshake (see trust); it checks the same things.
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: f.serverName, InsecureSkipVerify: true, VerifyConnection: f.verify}
 	if cfg.ServerName == "" {
 		cfg.ServerName = host
 		// meshid-ca's certificate names localhost, not loopback addresses

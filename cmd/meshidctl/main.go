@@ -91,6 +91,7 @@ identity off (deny) or lets it back (allow).`,
 		newBundleCommand(),
 		newCheckCommand(),
 		newInspectCommand(), newSecretsCommand(),
+		newRootRotationCommand(),
 	)
 	return root
 }
