@@ -9,7 +9,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -30,16 +32,84 @@ func NewCSR(key crypto.Signer, id spiffeid.ID) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
 }
 
-// DialCA connects to a CA over TLS, trusting only roots. serverName is the
-// name its certificate must carry (empty: the host of addr).
-func DialCA(addr string, roots *x509.CertPool, serverName string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
-	tc := &tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12}
+// DialCA connects to a CA over TLS. The CA's certificate must chain to one
+// of roots() as they are at each handshake, not as they were when dialing:
+// once a root rotation switches signing, meshid-ca serves a certificate
+// under the new root, and a reconnecting agent must trust the bundle it has
+// reloaded since. serverName is the name that certificate must carry
+// (empty: the host of addr).
+func DialCA(addr string, roots func() []*x509.Certificate, serverName string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	if roots == nil {
+		return nil, errors.New("agent: dialing CA: no roots to verify it against")
+	}
+	if serverName == "" {
+		serverName = hostOf(addr)
+	}
+	if serverName == "" {
+		// An empty name would make x509 skip the name check altogether.
+		return nil, fmt.Errorf("agent: dialing CA %s: no server name to verify its certificate against", addr)
+	}
+	tc := &tls.Config{
+		ServerName: serverName, // also gRPC's authority, so SNI and the check agree
+		MinVersion: tls.VersionTLS12,
+		// crypto/tls can only verify against a pool fixed in the Config.
+		// Its check is switched off to be replaced, not dropped:
+		// VerifyConnection runs on every handshake and does the same check
+		// (chain, server name, serverAuth) against the roots of the moment.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyCA(cs.PeerCertificates, roots(), serverName)
+		},
+	}
 	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc))}, opts...)
 	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("agent: dialing CA %s: %w", addr, err)
 	}
 	return conn, nil
+}
+
+// verifyCA checks the CA's serving chain, leaf first, as crypto/tls would
+// with roots as RootCAs and serverName as ServerName.
+func verifyCA(peer []*x509.Certificate, roots []*x509.Certificate, serverName string) error {
+	if len(peer) == 0 {
+		return errors.New("agent: CA presented no certificate")
+	}
+	if len(roots) == 0 {
+		return errors.New("agent: no trusted roots to verify the CA's certificate against")
+	}
+	rootPool := x509.NewCertPool()
+	for _, r := range roots {
+		rootPool.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range peer[1:] {
+		inter.AddCert(c)
+	}
+	_, err := peer[0].Verify(x509.VerifyOptions{
+		Roots:         rootPool,
+		Intermediates: inter,
+		DNSName:       serverName,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	})
+	if err != nil {
+		return fmt.Errorf("agent: CA's certificate does not verify against the %d trusted roots: %w", len(roots), err)
+	}
+	return nil
+}
+
+// hostOf is the host in a CA address, host:port or a gRPC target such as
+// dns:///host:port, as gRPC takes it for the server name.
+func hostOf(addr string) string {
+	if _, rest, ok := strings.Cut(addr, "://"); ok {
+		if _, endpoint, ok := strings.Cut(rest, "/"); ok {
+			addr = endpoint
+		}
+	}
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
 }
 
 // CAClient asks an Istio-compatible CA for certificates.

@@ -1,11 +1,25 @@
 package agent
 
 import (
+	"context"
 	"crypto"
+	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
+	"math/big"
+	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
@@ -207,4 +221,151 @@ func FuzzParseChain(f *testing.F) {
 			t.Fatalf("chain ends in a root that did not issue the certificate before it: %v", err)
 		}
 	})
+}
+
+// servingCert is a TLS server certificate for localhost and 127.0.0.1 from
+// m's intermediate, with the given extended key usage.
+func servingCert(t *testing.T, m *keys.Material, eku x509.ExtKeyUsage) tls.Certificate {
+	t.Helper()
+	key, err := NewKey(ECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{eku},
+	}, m.CACert, key.Public(), m.CAKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der, m.CACert.Raw}, PrivateKey: key}
+}
+
+// serveTLS runs a gRPC server with a health service on loopback over TLS
+// with cert, and returns its address.
+func serveTLS(t *testing.T, cert tls.Certificate) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})))
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+	return lis.Addr().String()
+}
+
+// fastRetry makes a failed connection retried at once, so that a test sees
+// the next handshake without sleeping.
+var fastRetry = grpc.WithConnectParams(grpc.ConnectParams{
+	Backoff:           backoff.Config{BaseDelay: time.Millisecond, Multiplier: 1, MaxDelay: time.Millisecond},
+	MinConnectTimeout: 10 * time.Second,
+})
+
+func healthCheck(ctx context.Context, conn *grpc.ClientConn, opts ...grpc.CallOption) error {
+	_, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, opts...)
+	return err
+}
+
+// After a root rotation switches signing, meshid-ca serves a certificate
+// under the new root: the agent's connection must trust it as soon as the
+// agent's bundle does, without dialing again.
+func TestDialCAVerifiesAgainstTheRootsOfEachHandshake(t *testing.T) {
+	r := newRotatingCA(t)
+	addr := serveTLS(t, servingCert(t, r.cur, x509.ExtKeyUsageServerAuth))
+	bundle := NewBundle([]*x509.Certificate{r.old.RootCert})
+	var asked atomic.Int32
+	roots := func() []*x509.Certificate {
+		asked.Add(1)
+		return bundle.Roots()
+	}
+	conn, err := DialCA(addr, roots, "localhost", fastRetry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	err = healthCheck(ctx, conn)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "does not verify against the 1 trusted roots") {
+		t.Fatalf("with the old root only: err = %v, want the handshake refused", err)
+	}
+
+	bundle.Set([]*x509.Certificate{r.old.RootCert, r.cur.RootCert})
+	before := asked.Load()
+	if err := healthCheck(ctx, conn, grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("with old and new roots: %v", err)
+	}
+	if asked.Load() == before {
+		t.Error("the roots were not asked for at the new handshake")
+	}
+}
+
+func TestDialCAChecksTheServer(t *testing.T) {
+	r := newRotatingCA(t)
+	good := serveTLS(t, servingCert(t, r.cur, x509.ExtKeyUsageServerAuth))
+	clientOnly := serveTLS(t, servingCert(t, r.cur, x509.ExtKeyUsageClientAuth))
+	cur := func() []*x509.Certificate { return []*x509.Certificate{r.cur.RootCert} }
+	for name, tc := range map[string]struct {
+		addr, serverName string
+		roots            func() []*x509.Certificate
+		wantErr          string // "" for success
+	}{
+		"good":                {addr: good, serverName: "localhost", roots: cur},
+		"host of the address": {addr: good, roots: cur},
+		"gRPC target":         {addr: "dns:///" + good, roots: cur},
+		"another name":        {addr: good, serverName: "meshid-ca.meshid-system.svc", roots: cur, wantErr: "certificate is valid for localhost"},
+		"client certificate":  {addr: clientOnly, serverName: "localhost", roots: cur, wantErr: "incompatible key usage"},
+		"no roots":            {addr: good, serverName: "localhost", roots: func() []*x509.Certificate { return nil }, wantErr: "no trusted roots"},
+		"another CA's root":   {addr: good, serverName: "localhost", roots: func() []*x509.Certificate { return []*x509.Certificate{r.old.RootCert} }, wantErr: "unknown authority"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := DialCA(tc.addr, tc.roots, tc.serverName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			err = healthCheck(ctx, conn)
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("err = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+	if _, err := DialCA(":15012", cur, ""); err == nil || !strings.Contains(err.Error(), "no server name") {
+		t.Errorf("address without a host: err = %v, want no server name", err)
+	}
+	if _, err := DialCA(good, nil, "localhost"); err == nil {
+		t.Error("nil roots accepted")
+	}
+}
+
+func TestHostOf(t *testing.T) {
+	for addr, want := range map[string]string{
+		"meshid-ca.meshid-system.svc:15012":        "meshid-ca.meshid-system.svc",
+		"dns:///meshid-ca.meshid-system.svc:15012": "meshid-ca.meshid-system.svc",
+		"dns://8.8.8.8/meshid-ca:15012":            "meshid-ca",
+		"127.0.0.1:15012":                          "127.0.0.1",
+		"[::1]:15012":                              "::1",
+		"meshid-ca":                                "meshid-ca",
+		":15012":                                   "",
+	} {
+		if got := hostOf(addr); got != want {
+			t.Errorf("hostOf(%q) = %q, want %q", addr, got, want)
+		}
+	}
 }

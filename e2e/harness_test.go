@@ -205,7 +205,7 @@ func (p *caProcess) Client(t testing.TB, roots []*x509.Certificate) *agent.CACli
 	for _, r := range roots {
 		pool.AddCert(r)
 	}
-	conn, err := agent.DialCA(p.GRPCAddr, pool, "localhost")
+	conn, err := agent.DialCA(p.GRPCAddr, func() []*x509.Certificate { return roots }, "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}

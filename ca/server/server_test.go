@@ -159,7 +159,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	e.addr = lis.Addr().String()
 	e.roots = x509.NewCertPool()
 	e.roots.AddCert(m.RootCert)
-	e.conn, err = agent.DialCA(e.addr, e.roots, "istiod.istio-system.svc")
+	e.conn, err = agent.DialCA(e.addr, func() []*x509.Certificate { return []*x509.Certificate{m.RootCert} }, "istiod.istio-system.svc")
 	if err != nil {
 		t.Fatal(err)
 	}

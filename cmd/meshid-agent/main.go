@@ -88,11 +88,9 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	bundle := agent.NewBundle(roots)
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
-	conn, err := agent.DialCA(o.caAddr, pool, o.caServerName)
+	// The CA is verified against the bundle as watchRoots reloads it, so
+	// that reconnecting after a root rotation trusts the new root.
+	conn, err := agent.DialCA(o.caAddr, bundle.Roots, o.caServerName)
 	if err != nil {
 		return err
 	}

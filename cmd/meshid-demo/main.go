@@ -129,7 +129,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 	for _, r := range roots {
 		pool.AddCert(r)
 	}
-	conn, err := agent.DialCA(grpcAddr, pool, "localhost")
+	conn, err := agent.DialCA(grpcAddr, func() []*x509.Certificate { return roots }, "localhost")
 	if err != nil {
 		return err
 	}

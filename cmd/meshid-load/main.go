@@ -181,7 +181,7 @@ func run(c config) error {
 
 	clients := make([]pb.IstioCertificateServiceClient, c.conns)
 	for i := range clients {
-		conn, err := agent.DialCA(c.addr, pool, c.serverName, grpc.WithSharedWriteBuffer(true))
+		conn, err := agent.DialCA(c.addr, func() []*x509.Certificate { return roots }, c.serverName, grpc.WithSharedWriteBuffer(true))
 		if err != nil {
 			return err
 		}
