@@ -201,10 +201,6 @@ func (p *caProcess) Metrics(t testing.TB) string {
 // Client dials the CA over TLS, trusting roots.
 func (p *caProcess) Client(t testing.TB, roots []*x509.Certificate) *agent.CAClient {
 	t.Helper()
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
 	conn, err := agent.DialCA(p.GRPCAddr, func() []*x509.Certificate { return roots }, "localhost")
 	if err != nil {
 		t.Fatal(err)

@@ -64,7 +64,6 @@ type env struct {
 	reg      *prometheus.Registry
 	client   pb.IstioCertificateServiceClient
 	conn     *grpc.ClientConn
-	roots    *x509.CertPool
 	addr     string
 	logs     *lockedBuffer
 	ledger   *ledger.Ledger
@@ -157,8 +156,6 @@ func newEnv(t testing.TB, o envOptions) *env {
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 	e.addr = lis.Addr().String()
-	e.roots = x509.NewCertPool()
-	e.roots.AddCert(m.RootCert)
 	e.conn, err = agent.DialCA(e.addr, func() []*x509.Certificate { return []*x509.Certificate{m.RootCert} }, "istiod.istio-system.svc")
 	if err != nil {
 		t.Fatal(err)

@@ -125,10 +125,6 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 	}
 	info("ready in %s; root %q, SHA-256 %s…", time.Since(started).Round(time.Millisecond), roots[0].Subject.CommonName, ca.Fingerprint(roots[0])[:16])
 
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
 	conn, err := agent.DialCA(grpcAddr, func() []*x509.Certificate { return roots }, "localhost")
 	if err != nil {
 		return err

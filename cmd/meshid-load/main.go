@@ -145,10 +145,6 @@ func run(c config) error {
 	if err != nil {
 		return fmt.Errorf("--root-file: %w", err)
 	}
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
 	issuer, err := satoken.LoadOrCreate(c.issuerURL, c.issuerKey)
 	if err != nil {
 		return err
