@@ -10,7 +10,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -287,13 +289,45 @@ func TestRootRotation(t *testing.T) {
 
 	// distribute: the new root joins every bundle.
 	rotate("--wait", "--until=distributed")
-	both := func(roots []*x509.Certificate) bool { return len(roots) == 2 && roots[0].Equal(oldRoot) }
+	// The old root and one other, in either order (Istio's agent does not
+	// keep the order it was sent).
+	both := func(roots []*x509.Certificate) bool {
+		return len(roots) == 2 && !roots[0].Equal(roots[1]) && slices.ContainsFunc(roots, oldRoot.Equal)
+	}
 	waitUntil(t, 30*time.Second, "both roots in the ConfigMap", func() bool { return both(configMapRoots()) })
-	newRoot := configMapRoots()[1]
+	newRoot := configMapRoots()[1] // meshid appends it
+	if newRoot.Equal(oldRoot) {
+		t.Fatal("the ConfigMap lists the old root last")
+	}
 	waitUntil(t, 30*time.Second, "both roots in both workloads' bundles", func() bool { return both(bundleOf(web)) && both(bundleOf(api)) })
 	if !chainsTo(web, oldRoot) {
 		t.Fatal("distributed: web's SVID does not chain to the old root, which still signs")
 	}
+	// Istio's own agent takes its ROOTCA from the CA's answer, not the
+	// ConfigMap: it must get both roots too.
+	_, grpcPort, _ := net.SplitHostPort(grpcAddr)
+	istioAgent := func(stage string, signingRoot *x509.Certificate) {
+		t.Helper()
+		_, chainPEM, rootPEM := istioAgentCerts(t, pilotAgentDir(t), grpcPort, bundleFile,
+			// A short certificate, as the agents': the ledger rightly holds
+			// the retirement back while one from the old root is valid.
+			cluster.Token(t, "shop", "web", "istio-ca"), "shop", "web", "web-0", []string{"SECRET_TTL=10s"})
+		roots, err := ca.ParseCertificatesPEM(rootPEM)
+		if err != nil || !both(roots) {
+			t.Fatalf("%s: Istio's agent's root file holds %d roots (%v), want the old and the new", stage, len(roots), err)
+		}
+		chain, err := ca.ParseCertificatesPEM(chainPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The file may end with the roots; verify the rest against the
+		// root that signs now.
+		for len(chain) > 1 && chain[len(chain)-1].CheckSignatureFrom(chain[len(chain)-1]) == nil {
+			chain = chain[:len(chain)-1]
+		}
+		verifySVID(t, stage+": Istio's agent's certificate", append(chain, signingRoot), webID.TrustDomain(), []*x509.Certificate{signingRoot}, webID)
+	}
+	istioAgent("distributed", oldRoot)
 	traffic("once distributed")
 
 	// The CA dies without warning; the new one resumes at the stored stage.
@@ -310,6 +344,10 @@ func TestRootRotation(t *testing.T) {
 	// switch, then retire, each once its checks pass.
 	rotate("--wait", "--until=switched")
 	waitUntil(t, 30*time.Second, "both workloads' SVIDs from the new root", func() bool { return chainsTo(web, newRoot) && chainsTo(api, newRoot) })
+	istioAgent("switched", newRoot)
+	if out, errOut, code := c.run("check"); code != 0 || !strings.Contains(out, "under way at stage switched") {
+		t.Errorf("meshidctl check during the rotation: exit %d, no rotation warning\n%s%s", code, out, errOut)
+	}
 	traffic("once switched")
 	rotate("--wait")
 	if st := stage(); st["stage"] != "none" {

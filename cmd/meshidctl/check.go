@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/ca/admin/adminpb"
 )
@@ -122,7 +124,9 @@ func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminp
 			r.add(g, name, checkOK, "%s certificate valid for %s (until %s)", name, humanDuration(left), c.GetNotAfter().AsTime().UTC().Format(time.RFC3339))
 		}
 	}
-	lifetime("root", st.GetRoot(), warnWithin)
+	// A root takes planning to replace (meshidctl root rotate): warn half a
+	// year ahead, as deploy/prometheus/alerts.yaml does.
+	lifetime("root", st.GetRoot(), max(warnWithin, rootWarnWithin))
 	lifetime("intermediate", st.GetIntermediate(), warnWithin)
 	// The serving certificate lives a day and is renewed at half life: it
 	// is late only when under a quarter of that is left.
@@ -138,7 +142,37 @@ func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminp
 		return nil
 	}
 	r.add(g, "bundle", checkOK, "%d root(s) trusted", len(roots))
+	checkRotation(ctx, r, client)
 	return roots
+}
+
+const rootWarnWithin = 180 * 24 * time.Hour
+
+// checkRotation reports a root rotation under way: not a fault, but
+// something to finish.
+func checkRotation(ctx context.Context, r *checkReport, client adminpb.AdminClient) {
+	rot, err := client.GetRootRotation(ctx, &adminpb.GetRootRotationRequest{})
+	switch {
+	case status.Code(err) == codes.FailedPrecondition:
+		return // a plug-in CA: rotated by replacing files
+	case err != nil:
+		r.add("meshid-ca", "root rotation", checkWarn, "cannot read: %v", status.Convert(err).Message())
+		return
+	case rot.GetStage() == "none":
+		r.add("meshid-ca", "root rotation", checkOK, "none under way")
+		return
+	}
+	var waiting []string
+	for _, c := range rot.GetChecks() {
+		if !c.GetPassed() {
+			waiting = append(waiting, c.GetName())
+		}
+	}
+	next := "ready"
+	if len(waiting) > 0 {
+		next = "waits for " + strings.Join(waiting, ", ")
+	}
+	r.add("meshid-ca", "root rotation", checkWarn, "under way at stage %s; %s %s (meshidctl root status)", rot.GetStage(), rot.GetNextStep(), next)
 }
 
 // checkAgent asks the agent for its workload certificate over SDS and
