@@ -253,7 +253,7 @@ func (r *Rotator) workloads(ctx context.Context, cutoff, now time.Time, what str
 	}
 	if n > 0 {
 		return Check{Name: "workloads", At: last,
-			Detail: fmt.Sprintf("%d valid %s; the last lapses at %s", n, what, last.UTC().Format(time.RFC3339))}, nil
+			Detail: fmt.Sprintf("%s: %d still valid; the last lapses at %s", what, n, last.UTC().Format(time.RFC3339))}, nil
 	}
 	return Check{Name: "workloads", Passed: true, Detail: "no valid " + what}, nil
 }
