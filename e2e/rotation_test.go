@@ -25,19 +25,23 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/kubetest"
+	"github.com/meshid/meshid/internal/pgtest"
 )
 
-// TestRootRotation rotates the root of a meshid-ca (CA in a Secret, on a
-// real kube-apiserver) with meshidctl, through every stage, while two
-// workloads, each behind its own meshid-agent and reading its SVID and
-// bundle with go-spiffe, talk mTLS: over one connection held open
-// throughout, and over a new connection every 100ms. Not one handshake or
-// round trip may fail. meshid-ca is killed with SIGKILL half way and
-// resumes from the stored stage.
+// TestRootRotation rotates the root of two meshid-ca replicas (CA in one
+// Secret, one PostgreSQL ledger, on a real kube-apiserver) with meshidctl,
+// through every stage, while two workloads, each behind its own
+// meshid-agent and reading its SVID and bundle with go-spiffe, talk mTLS:
+// over one connection held open throughout, and over a new connection
+// every 100ms. web's agent asks replica a, through which meshidctl drives
+// the rotation; api's asks replica b, which must follow each stage from the
+// Secret. Not one handshake or round trip may fail. Replica a is killed
+// with SIGKILL half way and resumes from the stored stage.
 //
 // What a kubelet would do (copy the bundle ConfigMap into the pod's mounted
 // file) is done by the test, polling the ConfigMap.
 func TestRootRotation(t *testing.T) {
+	dsn := pgtest.Database(t)
 	cluster := kubetest.Start(t)
 	cluster.ServiceAccount(t, "meshid-system", "meshid-ca")
 	cluster.ServiceAccount(t, "shop", "web")
@@ -46,18 +50,29 @@ func TestRootRotation(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	dsnFile := filepath.Join(dir, "dsn")
+	mustWrite(t, dsnFile, []byte(dsn), 0o600)
 
-	grpcAddr := fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
-	adminAddr := fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
-	caArgs := []string{"--auth=tokenreview", "--kubeconfig=" + cluster.Kubeconfig,
-		"--ca-source=secret", "--namespace=meshid-system", "--secret-name=meshid-ca", "--pod-name=ca-0",
-		"--state-dir=" + filepath.Join(dir, "state"), "--rate-limit=0",
-		"--grpc-addr=" + grpcAddr, "--admin-addr=" + adminAddr, "--admin-service-accounts=ops/admin",
-		// Short waits so the test runs in seconds; production defaults
-		// are 30s and 2m.
-		"--ca-sync-interval=1s", "--root-propagation=7s"}
+	replicaArgs := func(name string) (args []string, grpcAddr string) {
+		grpcAddr = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
+		return []string{"--auth=tokenreview", "--kubeconfig=" + cluster.Kubeconfig,
+			"--ca-source=secret", "--namespace=meshid-system", "--secret-name=meshid-ca", "--pod-name=" + name,
+			"--ledger=postgres", "--ledger-dsn-file=" + dsnFile, "--rate-limit=0",
+			"--grpc-addr=" + grpcAddr, "--admin-addr=" + fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t)), "--admin-service-accounts=ops/admin",
+			// Short waits so the test runs in seconds; production
+			// defaults are 30s and 2m.
+			"--ca-sync-interval=1s", "--root-propagation=7s"}, grpcAddr
+	}
+	caArgs, grpcAddr := replicaArgs("ca-a")
+	argsB, grpcAddrB := replicaArgs("ca-b")
 	p := startCA(t, caArgs...)
 	p.WaitReady(t, 60*time.Second)
+	pB := startCA(t, argsB...)
+	pB.WaitReady(t, 60*time.Second)
+	// trustedRoots reads how many roots a replica serves now.
+	trustedRoots := func(p *caProcess, n int) bool {
+		return strings.Contains(p.Metrics(t), "\nmeshid_ca_trusted_roots "+strconv.Itoa(n)+"\n")
+	}
 
 	// The kubelet's part: the shop namespace's bundle ConfigMap, copied
 	// into the file the agents (and meshidctl) read.
@@ -104,7 +119,7 @@ func TestRootRotation(t *testing.T) {
 
 	webID := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
 	apiID := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/api")
-	source := func(sa string) *workloadapi.X509Source {
+	source := func(sa, grpcAddr string) *workloadapi.X509Source {
 		tokenFile := filepath.Join(dir, sa+".token")
 		mustWrite(t, tokenFile, []byte(cluster.Token(t, "shop", sa, "istio-ca")), 0o600)
 		socket := shortSocket(t)
@@ -120,7 +135,7 @@ func TestRootRotation(t *testing.T) {
 		t.Cleanup(func() { src.Close() })
 		return src
 	}
-	web, api := source("web"), source("api")
+	web, api := source("web", grpcAddr), source("api", grpcAddrB)
 
 	// api serves an echo over mTLS, accepting only web; web accepts only api.
 	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(api, api, tlsconfig.AuthorizeID(webID)))
@@ -328,9 +343,11 @@ func TestRootRotation(t *testing.T) {
 		verifySVID(t, stage+": Istio's agent's certificate", append(chain, signingRoot), webID.TrustDomain(), []*x509.Certificate{signingRoot}, webID)
 	}
 	istioAgent("distributed", oldRoot)
+	waitUntil(t, 10*time.Second, "replica b serving both roots", func() bool { return trustedRoots(pB, 2) })
 	traffic("once distributed")
 
-	// The CA dies without warning; the new one resumes at the stored stage.
+	// Replica a dies without warning; restarted, it resumes at the stored
+	// stage.
 	p.cmd.Process.Kill()
 	<-p.exited
 	p = startCA(t, caArgs...)
@@ -355,6 +372,7 @@ func TestRootRotation(t *testing.T) {
 	}
 	only := func(roots []*x509.Certificate) bool { return len(roots) == 1 && roots[0].Equal(newRoot) }
 	waitUntil(t, 30*time.Second, "only the new root in the ConfigMap", func() bool { return only(configMapRoots()) })
+	waitUntil(t, 10*time.Second, "both replicas serving the new root alone", func() bool { return trustedRoots(p, 1) && trustedRoots(pB, 1) })
 	waitUntil(t, 30*time.Second, "only the new root in both workloads' bundles", func() bool { return only(bundleOf(web)) && only(bundleOf(api)) })
 	sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
 	if err != nil {
