@@ -127,8 +127,15 @@ func run(ctx context.Context, o *options) error {
 		return fmt.Errorf("reading denied identities: %w", err)
 	}
 	go denyList.Keep(ctx, led, o.denyRefresh, log)
+	var prune func(context.Context)
 	if o.ledgerRetention > 0 {
-		go pruneLedger(ctx, led, o.ledgerRetention, log, reg)
+		prune = pruner(led, o.ledgerRetention, log, reg)
+	}
+	// Pruning is singleton work: the elected replica does it when replicas
+	// elect one (below), else this process.
+	elected := o.bundleConfigMap != "" && kube != nil
+	if prune != nil && !elected {
+		go prune(ctx)
 	}
 
 	svc, err := server.NewCertificateService(server.Config{
@@ -315,6 +322,9 @@ func run(ctx context.Context, o *options) error {
 		go func() {
 			defer close(leaderDone)
 			leader.Run(ctx, func(ctx context.Context) {
+				if prune != nil {
+					go prune(ctx)
+				}
 				if err := cms.Run(ctx); err != nil {
 					log.Error("distributing the trust bundle failed", "error", err)
 				}
@@ -405,14 +415,18 @@ func renewer(o *options, store keys.Store, issuers *keys.Source, follow time.Dur
 		}}
 }
 
-// pruneLedger deletes, at start and hourly, the records of certificates
-// expired longer ago than retention.
-func pruneLedger(ctx context.Context, led *ledger.Ledger, retention time.Duration, log *slog.Logger, reg prometheus.Registerer) {
+// pruner returns the loop that deletes, at its start and hourly until ctx
+// ends, the records of certificates expired longer ago than retention.
+func pruner(led *ledger.Ledger, retention time.Duration, log *slog.Logger, reg prometheus.Registerer) func(context.Context) {
 	pruned := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "meshid_ca_ledger_pruned_total",
 		Help: "Ledger records deleted because their certificate expired more than --ledger-retention ago.",
 	})
 	reg.MustRegister(pruned)
+	return func(ctx context.Context) { pruneLedger(ctx, led, retention, pruned, log) }
+}
+
+func pruneLedger(ctx context.Context, led *ledger.Ledger, retention time.Duration, pruned prometheus.Counter, log *slog.Logger) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
