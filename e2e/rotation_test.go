@@ -69,10 +69,11 @@ func TestRootRotation(t *testing.T) {
 	p.WaitReady(t, 60*time.Second)
 	pB := startCA(t, argsB...)
 	pB.WaitReady(t, 60*time.Second)
-	// trustedRoots reads how many roots a replica serves now.
-	trustedRoots := func(p *caProcess, n int) bool {
-		return strings.Contains(p.Metrics(t), "\nmeshid_ca_trusted_roots "+strconv.Itoa(n)+"\n")
+	// gauge tells whether a replica's gauge reads v.
+	gauge := func(p *caProcess, name string, v int) bool {
+		return strings.Contains(p.Metrics(t), "\n"+name+" "+strconv.Itoa(v)+"\n")
 	}
+	trustedRoots := func(p *caProcess, n int) bool { return gauge(p, "meshid_ca_trusted_roots", n) }
 
 	// The kubelet's part: the shop namespace's bundle ConfigMap, copied
 	// into the file the agents (and meshidctl) read.
@@ -343,7 +344,9 @@ func TestRootRotation(t *testing.T) {
 		verifySVID(t, stage+": Istio's agent's certificate", append(chain, signingRoot), webID.TrustDomain(), []*x509.Certificate{signingRoot}, webID)
 	}
 	istioAgent("distributed", oldRoot)
-	waitUntil(t, 10*time.Second, "replica b serving both roots", func() bool { return trustedRoots(pB, 2) })
+	waitUntil(t, 10*time.Second, "replica b serving both roots", func() bool {
+		return trustedRoots(pB, 2) && gauge(pB, "meshid_ca_root_rotation_stage", 2)
+	})
 	traffic("once distributed")
 
 	// Replica a dies without warning; restarted, it resumes at the stored
@@ -362,6 +365,7 @@ func TestRootRotation(t *testing.T) {
 	rotate("--wait", "--until=switched")
 	waitUntil(t, 30*time.Second, "both workloads' SVIDs from the new root", func() bool { return chainsTo(web, newRoot) && chainsTo(api, newRoot) })
 	istioAgent("switched", newRoot)
+	waitUntil(t, 10*time.Second, "replica b at the switched stage", func() bool { return gauge(pB, "meshid_ca_root_rotation_stage", 3) })
 	if out, errOut, code := c.run("check"); code != 0 || !strings.Contains(out, "under way at stage switched") {
 		t.Errorf("meshidctl check during the rotation: exit %d, no rotation warning\n%s%s", code, out, errOut)
 	}
@@ -372,7 +376,9 @@ func TestRootRotation(t *testing.T) {
 	}
 	only := func(roots []*x509.Certificate) bool { return len(roots) == 1 && roots[0].Equal(newRoot) }
 	waitUntil(t, 30*time.Second, "only the new root in the ConfigMap", func() bool { return only(configMapRoots()) })
-	waitUntil(t, 10*time.Second, "both replicas serving the new root alone", func() bool { return trustedRoots(p, 1) && trustedRoots(pB, 1) })
+	waitUntil(t, 10*time.Second, "both replicas serving the new root alone", func() bool {
+		return trustedRoots(p, 1) && trustedRoots(pB, 1) && gauge(p, "meshid_ca_root_rotation_stage", 0) && gauge(pB, "meshid_ca_root_rotation_stage", 0)
+	})
 	waitUntil(t, 30*time.Second, "only the new root in both workloads' bundles", func() bool { return only(bundleOf(web)) && only(bundleOf(api)) })
 	sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
 	if err != nil {

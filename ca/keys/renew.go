@@ -68,7 +68,7 @@ func (r *Renewer) use(m *Material) error {
 	if err != nil {
 		return err
 	}
-	r.Source.Set(is)
+	r.Source.Use(m, is)
 	return nil
 }
 

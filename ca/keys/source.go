@@ -9,7 +9,8 @@ import (
 // Source holds the current issuer. Swapping it never disturbs a request in
 // flight: each request keeps the issuer it read.
 type Source struct {
-	cur atomic.Pointer[ca.Issuer]
+	cur   atomic.Pointer[ca.Issuer]
+	stage atomic.Pointer[Stage]
 }
 
 // Issuer returns the current issuer, or nil before the first Set.
@@ -17,3 +18,20 @@ func (s *Source) Issuer() *ca.Issuer { return s.cur.Load() }
 
 // Set makes is the current issuer.
 func (s *Source) Set(is *ca.Issuer) { s.cur.Store(is) }
+
+// Use makes is, made from m, the current issuer, and records m's root
+// rotation stage.
+func (s *Source) Use(m *Material, is *ca.Issuer) {
+	stage := m.RotationStage()
+	s.stage.Store(&stage)
+	s.cur.Store(is)
+}
+
+// Stage is the root rotation stage of the CA last given to Use; StageNone
+// before, and for a CA only ever Set (a plug-in CA).
+func (s *Source) Stage() Stage {
+	if p := s.stage.Load(); p != nil {
+		return *p
+	}
+	return StageNone
+}

@@ -349,6 +349,6 @@ func (r *Rotator) commit(ctx context.Context, m, next *keys.Material) error {
 		}
 		return err
 	}
-	r.cfg.Source.Set(is)
+	r.cfg.Source.Use(next, is)
 	return nil
 }

@@ -96,6 +96,12 @@ func run(ctx context.Context, o *options) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := server.NewMetrics(reg, &issuers)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meshid_ca_root_rotation_stage",
+		Help: "Root rotation stage this replica signs at: 0 none, 1 prepared, 2 distributed, 3 switched.",
+	}, func() float64 {
+		return map[keys.Stage]float64{keys.StagePrepared: 1, keys.StageDistributed: 2, keys.StageSwitched: 3}[issuers.Stage()]
+	}))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meshid_ca_trusted_roots",
 		Help: "Roots in the trust bundle this replica serves: 2 during a root rotation, 1 otherwise.",
 	}, func() float64 {
@@ -183,7 +189,7 @@ func run(ctx context.Context, o *options) error {
 		if err != nil {
 			return err
 		}
-		issuers.Set(is)
+		issuers.Use(m, is)
 		go r.Run(ctx, m)
 	}
 
@@ -355,7 +361,7 @@ func run(ctx context.Context, o *options) error {
 				errc <- err
 				return
 			}
-			issuers.Set(is)
+			issuers.Use(m, is)
 			go r.Run(ctx, m)
 			server.SetServing(health, true)
 			log.Info("meshid-ca ready")
