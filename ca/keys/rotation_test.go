@@ -202,3 +202,44 @@ func TestStateDirSaveRefusesStale(t *testing.T) {
 		t.Fatalf("store holds stage %s, want the prepared rotation untouched", got.RotationStage())
 	}
 }
+
+// FuzzParseRotation: whatever the rotation state and the next root hold
+// (the Secret is writable by whoever may edit it), ParseFiles either
+// refuses them or returns a CA that round-trips through its files.
+func FuzzParseRotation(f *testing.F) {
+	m, err := Generate(Options{TrustDomain: "cluster.local"})
+	if err != nil {
+		f.Fatal(err)
+	}
+	p, err := m.PrepareRotation(ECDSAP256, DefaultRootTTL, DefaultIntermediateTTL, time.Now())
+	if err != nil {
+		f.Fatal(err)
+	}
+	d, _ := p.DistributeRoot(time.Now())
+	s, _ := d.SwitchRoot(time.Now())
+	base, _ := p.Files()
+	for _, x := range []*Material{p, d, s} {
+		files, _ := x.Files()
+		f.Add(files[RotationFile], files[NextRootCertFile])
+	}
+	f.Add([]byte(`{"stage":"switched","started_at":"2026-01-01T00:00:00Z"}`), []byte{})
+	f.Fuzz(func(t *testing.T, state, nextRoot []byte) {
+		files := map[string][]byte{}
+		for k, v := range base {
+			files[k] = v
+		}
+		files[RotationFile], files[NextRootCertFile] = state, nextRoot
+		got, err := ParseFiles(files)
+		if err != nil {
+			return
+		}
+		again, err := got.Files()
+		if err != nil {
+			t.Fatalf("accepted CA does not encode: %v", err)
+		}
+		back, err := ParseFiles(again)
+		if err != nil || !back.Equal(got) {
+			t.Fatalf("accepted CA does not round-trip: %v", err)
+		}
+	})
+}
