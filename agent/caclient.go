@@ -58,7 +58,7 @@ func DialCA(addr string, roots func() []*x509.Certificate, serverName string, op
 		// (chain, server name, serverAuth) against the roots of the moment.
 		InsecureSkipVerify: true,
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			return verifyCA(cs.PeerCertificates, roots(), serverName)
+			return VerifyCA(cs.PeerCertificates, roots(), serverName)
 		},
 	}
 	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc))}, opts...)
@@ -69,9 +69,11 @@ func DialCA(addr string, roots func() []*x509.Certificate, serverName string, op
 	return conn, nil
 }
 
-// verifyCA checks the CA's serving chain, leaf first, as crypto/tls would
-// with roots as RootCAs and serverName as ServerName.
-func verifyCA(peer []*x509.Certificate, roots []*x509.Certificate, serverName string) error {
+// VerifyCA checks the CA's serving chain, leaf first, as crypto/tls would
+// with roots as RootCAs and serverName as ServerName. Clients that must
+// follow a root rotation (DialCA, meshidctl) call it from
+// tls.Config.VerifyConnection with the roots of the moment.
+func VerifyCA(peer []*x509.Certificate, roots []*x509.Certificate, serverName string) error {
 	if len(peer) == 0 {
 		return errors.New("agent: CA presented no certificate")
 	}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin/adminpb"
 )
@@ -54,21 +55,10 @@ func (f *serverFlags) trust(roots []*x509.Certificate) {
 
 // verify checks the CA's certificate chain against the roots trusted now.
 func (f *serverFlags) verify(cs tls.ConnectionState) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("meshid-ca presented no certificate")
-	}
 	f.mu.Lock()
-	roots := x509.NewCertPool()
-	for _, r := range f.trusted {
-		roots.AddCert(r)
-	}
+	roots := slices.Clone(f.trusted)
 	f.mu.Unlock()
-	inter := x509.NewCertPool()
-	for _, c := range cs.PeerCertificates[1:] {
-		inter.AddCert(c)
-	}
-	_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: cs.ServerName, Roots: roots, Intermediates: inter})
-	return err
+	return agent.VerifyCA(cs.PeerCertificates, roots, cs.ServerName)
 }
 
 func (f *serverFlags) add(cmd *cobra.Command) {
