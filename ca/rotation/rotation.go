@@ -204,15 +204,19 @@ func (r *Rotator) checks(ctx context.Context, m *keys.Material, st *Status) ([]C
 	return nil, fmt.Errorf("rotation: no step after stage %s", st.Stage)
 }
 
-func (r *Rotator) replicas(since, now time.Time) Check {
-	at := since.Add(r.cfg.Sync)
-	c := Check{Name: "replicas", Passed: !now.Before(at), At: at}
-	if c.Passed {
-		c.Detail = fmt.Sprintf("every replica has read the stage (they read the store every %s)", r.cfg.Sync)
-	} else {
-		c.Detail = fmt.Sprintf("replicas read the store every %s; waiting until %s", r.cfg.Sync, at.UTC().Format(time.RFC3339))
+// waited passes once now reaches at: detail says why it waits, or, once
+// passed, what the wait was for.
+func waited(name string, at, now time.Time, passed, waiting string) Check {
+	if !now.Before(at) {
+		return Check{Name: name, Passed: true, Detail: passed, At: at}
 	}
-	return c
+	return Check{Name: name, Detail: waiting + "; waiting until " + at.UTC().Format(time.RFC3339), At: at}
+}
+
+func (r *Rotator) replicas(since, now time.Time) Check {
+	return waited("replicas", since.Add(r.cfg.Sync), now,
+		fmt.Sprintf("every replica has read the stage (they read the store every %s)", r.cfg.Sync),
+		fmt.Sprintf("replicas read the store every %s", r.cfg.Sync))
 }
 
 func (r *Rotator) configMaps(ctx context.Context, roots []*x509.Certificate) Check {
@@ -232,14 +236,9 @@ func (r *Rotator) configMaps(ctx context.Context, roots []*x509.Certificate) Che
 }
 
 func (r *Rotator) propagation(since, now time.Time) Check {
-	at := since.Add(r.cfg.Propagation)
-	c := Check{Name: "propagation", Passed: !now.Before(at), At: at}
-	if c.Passed {
-		c.Detail = fmt.Sprintf("%s since distribution, for kubelets to refresh mounted bundles and agents to re-read them", r.cfg.Propagation)
-	} else {
-		c.Detail = fmt.Sprintf("kubelets and agents may take %s to see the bundle; waiting until %s", r.cfg.Propagation, at.UTC().Format(time.RFC3339))
-	}
-	return c
+	return waited("propagation", since.Add(r.cfg.Propagation), now,
+		fmt.Sprintf("%s since distribution, for kubelets to refresh mounted bundles and agents to re-read them", r.cfg.Propagation),
+		fmt.Sprintf("kubelets and agents may take %s to see the bundle", r.cfg.Propagation))
 }
 
 func (r *Rotator) workloads(ctx context.Context, cutoff, now time.Time, what string) (Check, error) {
