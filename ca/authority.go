@@ -195,17 +195,5 @@ func (a *Authority) sign(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.
 // element verbatim as its ROOTCA and must trust old and new roots during a
 // rotation. The root this chain ends in comes first, for clients that read
 // only the first certificate there; with one root it is that root's PEM,
-// byte for byte.
-func trustBundlePEM(is *Issuer) string {
-	if len(is.roots) == 1 {
-		return is.chainPEM[len(is.chainPEM)-1] // encoded once, not per request
-	}
-	root := is.Root()
-	out := EncodePEM(root)
-	for _, r := range is.roots {
-		if !r.Equal(root) {
-			out = append(out, EncodePEM(r)...)
-		}
-	}
-	return string(out)
-}
+// byte for byte. Encoded once per issuer, not per request.
+func trustBundlePEM(is *Issuer) string { return is.bundlePEM }

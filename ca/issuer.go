@@ -22,6 +22,7 @@ type Issuer struct {
 
 	chainPEM  []string // PEM of chain, in order, for responses
 	rootsPEM  []byte
+	bundlePEM string // every root, the chain's own first: a response's last element
 	notBefore time.Time // latest NotBefore along chain
 	notAfter  time.Time // earliest NotAfter along chain
 }
@@ -83,6 +84,12 @@ func NewIssuer(cert *x509.Certificate, signer crypto.Signer, intermediates, root
 	}
 	for _, r := range roots {
 		is.rootsPEM = append(is.rootsPEM, EncodePEM(r)...)
+	}
+	is.bundlePEM = is.chainPEM[len(is.chainPEM)-1]
+	for _, r := range roots {
+		if !r.Equal(is.Root()) {
+			is.bundlePEM += string(EncodePEM(r))
+		}
 	}
 	return is, nil
 }
