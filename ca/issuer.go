@@ -22,7 +22,7 @@ type Issuer struct {
 
 	chainPEM  []string // PEM of chain, in order, for responses
 	rootsPEM  []byte
-	bundlePEM string // every root, the chain's own first: a response's last element
+	bundlePEM string    // every root, the chain's own first: a response's last element
 	notBefore time.Time // latest NotBefore along chain
 	notAfter  time.Time // earliest NotAfter along chain
 }
