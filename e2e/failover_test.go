@@ -53,17 +53,7 @@ func TestLeaderFailover(t *testing.T) {
 		}
 		return *l.Spec.HolderIdentity
 	}
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not after 60s", what)
-			}
-			time.Sleep(100 * time.Millisecond) // poll interval
-		}
-	}
-	waitFor("a leader", func() bool { return holder() != "" })
+	waitUntil(t, 60*time.Second, "a leader", func() bool { return holder() != "" })
 	leader := holder()
 	follower := map[string]string{"ca-a": "ca-b", "ca-b": "ca-a"}[leader]
 	if follower == "" {
@@ -82,7 +72,7 @@ func TestLeaderFailover(t *testing.T) {
 		cm, err := cms.Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
 		return err == nil && cm.Data["root-cert.pem"] == string(sec.Data["root-cert.pem"])
 	}
-	waitFor("the bundle in shop", bundled)
+	waitUntil(t, 60*time.Second, "the bundle in shop", bundled)
 
 	// A client of the follower issues continuously while the leader goes.
 	client := replicas[follower].Client(t, roots)
@@ -107,16 +97,16 @@ func TestLeaderFailover(t *testing.T) {
 			}
 		}
 	})
-	waitFor("issuance before the failover", func() bool { return issued.Load() >= 10 })
+	waitUntil(t, 60*time.Second, "issuance before the failover", func() bool { return issued.Load() >= 10 })
 	before := issued.Load()
 	replicas[leader].cmd.Process.Signal(syscall.SIGTERM)
 	replicas[leader].Stop(t)
-	waitFor("the follower leading", func() bool { return holder() == follower })
+	waitUntil(t, 60*time.Second, "the follower leading", func() bool { return holder() == follower })
 	if err := cms.Delete(ctx, "istio-ca-root-cert", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the new leader repairing the bundle", bundled)
-	waitFor("issuance after the failover", func() bool { return issued.Load() >= before+10 })
+	waitUntil(t, 60*time.Second, "the new leader repairing the bundle", bundled)
+	waitUntil(t, 60*time.Second, "issuance after the failover", func() bool { return issued.Load() >= before+10 })
 	close(stop)
 	wg.Wait()
 	if failed.Load() > 0 {

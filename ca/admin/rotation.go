@@ -58,31 +58,28 @@ func (s *Server) GetRootRotation(ctx context.Context, _ *adminpb.GetRootRotation
 }
 
 func (s *Server) AdvanceRootRotation(ctx context.Context, req *adminpb.AdvanceRootRotationRequest) (*adminpb.RootRotation, error) {
-	r, err := s.rotator()
-	if err != nil {
-		return nil, err
-	}
-	from, err := parseStage(req.GetFromStage())
-	if err != nil {
-		return nil, err
-	}
-	st, err := r.Advance(ctx, from, req.GetForce(), actor(ctx))
-	if err != nil {
-		return nil, s.rotationError(err)
-	}
-	return rotationPB(st), nil
+	return s.step(req.GetFromStage(), func(r *rotation.Rotator, from keys.Stage) (*rotation.Status, error) {
+		return r.Advance(ctx, from, req.GetForce(), actor(ctx))
+	})
 }
 
 func (s *Server) AbortRootRotation(ctx context.Context, req *adminpb.AbortRootRotationRequest) (*adminpb.RootRotation, error) {
+	return s.step(req.GetFromStage(), func(r *rotation.Rotator, from keys.Stage) (*rotation.Status, error) {
+		return r.Abort(ctx, from, actor(ctx))
+	})
+}
+
+// step checks the request's stage and runs one change of the rotation.
+func (s *Server) step(fromStage string, do func(*rotation.Rotator, keys.Stage) (*rotation.Status, error)) (*adminpb.RootRotation, error) {
 	r, err := s.rotator()
 	if err != nil {
 		return nil, err
 	}
-	from, err := parseStage(req.GetFromStage())
+	from, err := parseStage(fromStage)
 	if err != nil {
 		return nil, err
 	}
-	st, err := r.Abort(ctx, from, actor(ctx))
+	st, err := do(r, from)
 	if err != nil {
 		return nil, s.rotationError(err)
 	}

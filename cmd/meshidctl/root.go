@@ -138,6 +138,10 @@ func rotationTable(w io.Writer, r rotationRow, now time.Time) error {
 	return tw.Flush()
 }
 
+func renderRotation(w io.Writer, format string, row rotationRow) error {
+	return render(w, format, row, func(w io.Writer) error { return rotationTable(w, row, time.Now()) })
+}
+
 func newRootStatusCommand() *cobra.Command {
 	var sf serverFlags
 	cmd := &cobra.Command{
@@ -158,8 +162,7 @@ func newRootStatusCommand() *cobra.Command {
 		if err != nil {
 			return callError(&sf, err)
 		}
-		row := rotationFromPB(r)
-		return render(cmd.OutOrStdout(), *output, row, func(w io.Writer) error { return rotationTable(w, row, time.Now()) })
+		return renderRotation(cmd.OutOrStdout(), *output, rotationFromPB(r))
 	}
 	return cmd
 }
@@ -230,13 +233,7 @@ already verified.`,
 		call := func(f func(ctx context.Context) (*adminpb.RootRotation, error)) (*adminpb.RootRotation, error) {
 			c, cancel := context.WithTimeout(ctx, sf.timeout)
 			defer cancel()
-			r, err := f(c)
-			if err == nil {
-				if _, roots, berr := bundleRoots(c, &sf, client); berr == nil {
-					sf.trust(roots)
-				}
-			}
-			return r, err
+			return f(c)
 		}
 		getStatus := func(ctx context.Context) (*adminpb.RootRotation, error) {
 			return client.GetRootRotation(ctx, &adminpb.GetRootRotationRequest{})
@@ -256,7 +253,7 @@ already verified.`,
 			}
 			row := rotationFromPB(cur)
 			if wait && (row.Stage == until || (started && row.Stage == "none")) {
-				return render(out, *output, row, func(w io.Writer) error { return rotationTable(w, row, time.Now()) })
+				return renderRotation(out, *output, row)
 			}
 			if !row.Ready && !force {
 				if !wait {
@@ -296,10 +293,17 @@ already verified.`,
 			}
 			started = true
 			lastWait = ""
+			// The step may have added a root meshid-ca's certificate will
+			// move to: trust it over this verified connection.
+			bctx, cancel := context.WithTimeout(ctx, sf.timeout)
+			if _, roots, err := bundleRoots(bctx, &sf, client); err == nil {
+				sf.trust(roots)
+			}
+			cancel()
 			nrow := rotationFromPB(next)
 			fmt.Fprintf(errOut, "%s  %s: done, stage %s\n", time.Now().UTC().Format(time.TimeOnly), row.NextStep, nrow.Stage)
 			if !wait {
-				return render(out, *output, nrow, func(w io.Writer) error { return rotationTable(w, nrow, time.Now()) })
+				return renderRotation(out, *output, nrow)
 			}
 		}
 	}
@@ -332,8 +336,7 @@ func newRootAbortCommand() *cobra.Command {
 		if err != nil {
 			return callError(&sf, err)
 		}
-		row := rotationFromPB(r)
-		return render(cmd.OutOrStdout(), *output, row, func(w io.Writer) error { return rotationTable(w, row, time.Now()) })
+		return renderRotation(cmd.OutOrStdout(), *output, rotationFromPB(r))
 	}
 	return cmd
 }
