@@ -8,6 +8,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/ca/k8sauth"
@@ -31,7 +32,7 @@ func (n Node) Resolve(ctx context.Context) (*Handle, error) {
 	if token == "" {
 		return nil, status.Error(codes.Unauthenticated, "no token: send the pod's projected service-account token as authorization: Bearer <token>")
 	}
-	caller, err := n.Auth.Authenticate(ctx, token)
+	caller, err := n.Auth.Authenticate(k8sauth.WithPeer(ctx, peerOf(ctx)), token)
 	switch {
 	case errors.Is(err, k8sauth.ErrUnavailable):
 		return nil, status.Error(codes.Unavailable, "cannot check the token now")
@@ -43,6 +44,15 @@ func (n Node) Resolve(ctx context.Context) (*Handle, error) {
 		return nil, status.Error(codes.Unauthenticated, "token names no valid identity")
 	}
 	return n.Manager.AcquireUntil(id, StaticToken(token), caller.Expiry), nil
+}
+
+// peerOf names the process at the other end of the stream (sds.Listen
+// makes it "pid:N"), for fair shares of token reviews.
+func peerOf(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return ""
 }
 
 func bearer(ctx context.Context) string {

@@ -12,7 +12,8 @@ import (
 // Listen opens a Unix socket at path with the given mode (0600: the agent's
 // user only; 0660 to share with the proxy's group). Its directory is made
 // with mode 0750 if missing. A stale socket left by a previous run is
-// replaced; any other file at path is an error, never removed.
+// replaced; any other file at path is an error, never removed. Accepted
+// connections carry the peer's process as their remote address ("pid:N").
 func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("sds: %w", err)
@@ -36,5 +37,5 @@ func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 		l.Close()
 		return nil, fmt.Errorf("sds: %w", err)
 	}
-	return l, nil
+	return peerListener{l}, nil
 }

@@ -55,6 +55,7 @@ type Error struct {
 	Detail      string
 	Err         error
 	unavailable bool
+	remote      bool // the API server refused the token
 }
 
 func (e *Error) Error() string {

@@ -3,7 +3,6 @@ package k8sauth
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
 )
 
 // Algorithms Kubernetes can sign service-account tokens with.
@@ -41,92 +39,32 @@ type JWKS struct {
 	Now       func() time.Time // nil means time.Now
 }
 
-// claims are the parts of a Kubernetes projected token we read.
-type claims struct {
-	jwt.Claims
-	Kubernetes *struct {
-		Namespace      string `json:"namespace"`
-		ServiceAccount struct {
-			Name string `json:"name"`
-			UID  string `json:"uid"`
-		} `json:"serviceaccount"`
-		Pod *struct {
-			Name string `json:"name"`
-			UID  string `json:"uid"`
-		} `json:"pod"`
-	} `json:"kubernetes.io"`
-}
-
-// Authenticate verifies token and returns its service account.
-func (j *JWKS) Authenticate(ctx context.Context, token string) (Caller, error) {
-	if token == "" {
-		return Caller{}, refused("no_token", "")
-	}
-	if len(token) > MaxTokenBytes {
-		return Caller{}, refused("malformed", "token too large")
-	}
-	tok, err := jwt.ParseSigned(token, signatureAlgorithms)
+// Authenticate verifies token and returns its service account. What the
+// claims alone refuse is refused before any key is looked up.
+func (j *JWKS) Authenticate(ctx context.Context, raw string) (Caller, error) {
+	t, err := parseToken(raw)
 	if err != nil {
-		return Caller{}, refused("malformed", "not a signed JWT")
-	}
-	if len(tok.Headers) != 1 {
-		return Caller{}, refused("malformed", "want exactly one signature")
-	}
-	keys, err := j.Keys.Keys(ctx, tok.Headers[0].KeyID)
-	if err != nil {
-		return Caller{}, unavailable(err)
-	}
-	var c claims
-	verified := false
-	for _, k := range keys {
-		if err := tok.Claims(k.Key, &c); err == nil {
-			verified = true
-			break
-		}
-	}
-	if !verified {
-		return Caller{}, refused("signature", "no issuer key verifies the token")
+		return Caller{}, err
 	}
 	now := time.Now()
 	if j.Now != nil {
 		now = j.Now()
 	}
-	if c.Expiry == nil {
-		return Caller{}, refused("expired", "token has no expiry")
+	if j.Issuer == "" {
+		// An empty issuer would switch the issuer check off.
+		return Caller{}, refused("issuer", "no token issuer configured")
 	}
-	err = c.Claims.ValidateWithLeeway(jwt.Expected{
-		Issuer:      j.Issuer,
-		AnyAudience: jwt.Audience(j.Audiences),
-		Time:        now,
-	}, j.Leeway)
-	switch {
-	case errors.Is(err, jwt.ErrInvalidIssuer):
-		return Caller{}, refused("issuer", "token issuer is not the cluster's")
-	case errors.Is(err, jwt.ErrInvalidAudience):
-		return Caller{}, refused("audience", "token audiences do not include ours")
-	case errors.Is(err, jwt.ErrExpired):
-		return Caller{}, refused("expired", "token expired")
-	case errors.Is(err, jwt.ErrNotValidYet), errors.Is(err, jwt.ErrIssuedInTheFuture):
-		return Caller{}, refused("not_yet_valid", "token not valid yet")
-	case err != nil:
-		return Caller{}, refused("claims", "invalid claims")
-	}
-	ns, sa, err := ParseUsername(c.Subject)
-	if err != nil {
+	if err := t.check(j.Audiences, j.Issuer, now, j.Leeway); err != nil {
 		return Caller{}, err
 	}
-	k := c.Kubernetes
-	if k == nil {
-		return Caller{}, refused("not_service_account", "not a bound service account token (no kubernetes.io claims)")
+	keys, err := j.Keys.Keys(ctx, t.kid)
+	if err != nil {
+		return Caller{}, unavailable(err)
 	}
-	if k.Namespace != ns || k.ServiceAccount.Name != sa {
-		return Caller{}, refused("claims", "kubernetes.io claims disagree with the subject")
+	if !t.verify(keys) {
+		return Caller{}, refused("signature", "no issuer key verifies the token")
 	}
-	caller := Caller{Namespace: ns, ServiceAccount: sa, Expiry: c.Expiry.Time(), Method: MethodJWKS}
-	if k.Pod != nil {
-		caller.PodName, caller.PodUID = k.Pod.Name, k.Pod.UID
-	}
-	return caller, nil
+	return t.caller(MethodJWKS), nil
 }
 
 // KeySet is a JWKS read from a file or a URL, cached, and read again when it

@@ -2,6 +2,7 @@ package k8sauth_test
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -170,6 +171,16 @@ func jwksAuth(t testing.TB, is *satoken.Issuer, now time.Time) *k8sauth.JWKS {
 	return &k8sauth.JWKS{Issuer: is.URL, Audiences: []string{"istio-ca"}, Keys: ks, Now: func() time.Time { return now }}
 }
 
+// editPayload replaces old with new in a token's base64url payload.
+func editPayload(t *testing.T, payload, old, new string) string {
+	t.Helper()
+	raw, err := base64.RawURLEncoding.DecodeString(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(strings.ReplaceAll(string(raw), old, new)))
+}
+
 func TestJWKS(t *testing.T) {
 	is := newIssuer(t)
 	other := newIssuer(t)
@@ -200,7 +211,8 @@ func TestJWKS(t *testing.T) {
 		{name: "not yet valid", token: mint(is, func(c *satoken.Claims) { c.Now = now.Add(time.Hour) }), reason: "not_yet_valid"},
 		{name: "another audience", token: mint(is, func(c *satoken.Claims) { c.Audiences = []string{"https://kubernetes.default.svc"} }), reason: "audience"},
 		{name: "no audience", token: mint(is, func(c *satoken.Claims) { c.Audiences = nil }), reason: "audience"},
-		{name: "tampered payload", token: parts[0] + "." + parts[2] + "." + parts[2], reason: "signature"},
+		{name: "payload not JSON", token: parts[0] + "." + parts[2] + "." + parts[2], reason: "malformed"},
+		{name: "payload edited", token: parts[0] + "." + editPayload(t, parts[1], "web", "admin") + "." + parts[2], reason: "signature"},
 		{name: "garbage", token: "garbage", reason: "malformed"},
 		{name: "empty", token: "", reason: "no_token"},
 		{name: "huge", token: strings.Repeat("a", k8sauth.MaxTokenBytes+1), reason: "malformed"},
@@ -294,7 +306,7 @@ func TestCache(t *testing.T) {
 
 	t.Run("hit within TTL, miss after", func(t *testing.T) {
 		inner := &countingAuth{caller: k8sauth.Caller{Namespace: "a", ServiceAccount: "b"}}
-		c := k8sauth.NewCache(inner, 30*time.Second, 10, clock)
+		c := k8sauth.NewCache(inner, k8sauth.CacheConfig{TTL: 30 * time.Second, Size: 10, Now: clock})
 		c.Authenticate(ctx, "t1")
 		c.Authenticate(ctx, "t1")
 		if inner.calls.Load() != 1 {
@@ -308,7 +320,7 @@ func TestCache(t *testing.T) {
 	})
 	t.Run("never outlives the token", func(t *testing.T) {
 		inner := &countingAuth{caller: k8sauth.Caller{Namespace: "a", ServiceAccount: "b", Expiry: now.Add(5 * time.Second)}}
-		c := k8sauth.NewCache(inner, time.Minute, 10, clock)
+		c := k8sauth.NewCache(inner, k8sauth.CacheConfig{TTL: time.Minute, Size: 10, Now: clock})
 		c.Authenticate(ctx, "t2")
 		now = now.Add(6 * time.Second)
 		c.Authenticate(ctx, "t2")
@@ -318,7 +330,7 @@ func TestCache(t *testing.T) {
 	})
 	t.Run("failures are not cached", func(t *testing.T) {
 		inner := &countingAuth{err: errors.New("no")}
-		c := k8sauth.NewCache(inner, time.Minute, 10, clock)
+		c := k8sauth.NewCache(inner, k8sauth.CacheConfig{TTL: time.Minute, Size: 10, Now: clock})
 		c.Authenticate(ctx, "bad")
 		c.Authenticate(ctx, "bad")
 		if inner.calls.Load() != 2 {
@@ -327,7 +339,7 @@ func TestCache(t *testing.T) {
 	})
 	t.Run("bounded", func(t *testing.T) {
 		inner := &countingAuth{caller: k8sauth.Caller{Namespace: "a", ServiceAccount: "b"}}
-		c := k8sauth.NewCache(inner, time.Minute, 100, clock)
+		c := k8sauth.NewCache(inner, k8sauth.CacheConfig{TTL: time.Minute, Size: 100, Now: clock})
 		for i := range 1000 {
 			c.Authenticate(ctx, fmt.Sprint("token-", i))
 		}
@@ -337,7 +349,7 @@ func TestCache(t *testing.T) {
 	})
 	t.Run("concurrent requests share one review", func(t *testing.T) {
 		inner := &countingAuth{caller: k8sauth.Caller{Namespace: "a", ServiceAccount: "b"}, block: make(chan struct{})}
-		c := k8sauth.NewCache(inner, 0, 0, clock) // no caching: only sharing
+		c := k8sauth.NewCache(inner, k8sauth.CacheConfig{Now: clock}) // no caching: only sharing
 		var wg sync.WaitGroup
 		for range 20 {
 			wg.Add(1)

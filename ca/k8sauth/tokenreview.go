@@ -2,6 +2,7 @@ package k8sauth
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 
@@ -20,6 +21,7 @@ const (
 type TokenReview struct {
 	Client    authnv1client.TokenReviewsGetter
 	Audiences []string // required, e.g. ["istio-ca"]
+	Metrics   *Metrics // nil counts nothing
 }
 
 // Authenticate reviews token with our audiences set, and accepts it only
@@ -37,14 +39,25 @@ func (r *TokenReview) Authenticate(ctx context.Context, token string) (Caller, e
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: r.Audiences},
 	}, metav1.CreateOptions{})
 	if err != nil {
+		if ctx.Err() != nil {
+			r.Metrics.reviewed("canceled")
+		} else {
+			r.Metrics.reviewed("error")
+		}
 		// Whatever the cause (network, 403 for a missing
 		// system:auth-delegator binding, 5xx), fail closed.
 		return Caller{}, unavailable(err)
 	}
 	c, err := callerFromReview(review.Status, r.Audiences)
 	if err != nil {
+		r.Metrics.reviewed("refused")
+		var e *Error
+		if errors.As(err, &e) {
+			e.remote = true
+		}
 		return Caller{}, err
 	}
+	r.Metrics.reviewed("authenticated")
 	c.Expiry = unverifiedExpiry(token)
 	return c, nil
 }

@@ -42,7 +42,7 @@ func TestIssuanceIsRecorded(t *testing.T) {
 	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
 	want := ledger.Record{
 		Serial: fmt.Sprintf("%x", leaf.SerialNumber), SPIFFEID: webID.String(),
-		Namespace: "demo", ServiceAccount: "web", PodName: "web-0", PodUID: "uid", ClusterID: "Kubernetes",
+		Namespace: "demo", ServiceAccount: "web", PodName: "web-0", PodUID: "demo-web-0", ClusterID: "Kubernetes",
 		PublicKeySHA256: hex.EncodeToString(spki[:]), NotBefore: leaf.NotBefore.UTC(), NotAfter: leaf.NotAfter.UTC(),
 		IssuerFingerprint: ca.Fingerprint(chain[1]), AuthMethod: "jwks", IssuedAt: rec.IssuedAt,
 	}

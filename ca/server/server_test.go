@@ -12,6 +12,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -174,7 +175,7 @@ func (e *env) token(t testing.TB, ns, sa string, aud ...string) string {
 	if aud == nil {
 		aud = []string{"istio-ca"}
 	}
-	tok, err := e.tokens.Token(satoken.Claims{Namespace: ns, ServiceAccount: sa, PodName: sa + "-0", PodUID: "uid", Audiences: aud})
+	tok, err := e.tokens.Token(satoken.Claims{Namespace: ns, ServiceAccount: sa, PodName: sa + "-0", PodUID: ns + "-" + sa + "-0", Audiences: aud})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,6 +382,42 @@ func TestCreateCertificateRateLimit(t *testing.T) {
 	})
 	if _, err := e.call(other, &pb.IstioCertificateRequest{Csr: csr}); err != nil {
 		t.Fatalf("another identity was limited: %v", err)
+	}
+}
+
+// The limit counts per pod: the replicas of one Deployment, sharing a
+// service account, do not wait for each other; tokens bound to no pod share
+// their identity's bucket.
+func TestCreateCertificateRateLimitPerPod(t *testing.T) {
+	e := newEnv(t, envOptions{rateLimit: rate.Every(time.Hour), rateBurst: 1})
+	req := &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)}
+	podToken := func(pod string) string {
+		tok, err := e.tokens.Token(satoken.Claims{Namespace: "demo", ServiceAccount: "web", PodName: pod, PodUID: "uid-" + pod, Audiences: []string{"istio-ca"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	for i := range 50 {
+		if _, err := e.call(podToken(fmt.Sprint("web-", i)), req); err != nil {
+			t.Fatalf("pod %d of one service account: %v", i, err)
+		}
+	}
+	if _, err := e.call(podToken("web-7"), req); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a pod over its own limit: %v, want ResourceExhausted", err)
+	}
+	unbound := func() string {
+		tok, err := e.tokens.Token(satoken.Claims{Namespace: "demo", ServiceAccount: "web", Audiences: []string{"istio-ca"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	if _, err := e.call(unbound(), req); err != nil {
+		t.Fatalf("first token bound to no pod: %v", err)
+	}
+	if _, err := e.call(unbound(), req); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("second token bound to no pod, same identity: %v, want ResourceExhausted", err)
 	}
 }
 

@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
@@ -55,7 +57,7 @@ type Config struct {
 	Authority   *ca.Authority
 	Auth        k8sauth.Authenticator
 	TrustDomain spiffeid.TrustDomain
-	RateLimit   rate.Limit // certificates per second per identity; 0 disables
+	RateLimit   rate.Limit // certificates per second per pod (per identity for tokens bound to no pod); 0 disables
 	RateBurst   int
 	// Ledger records every certificate before it is returned; when it
 	// cannot, nothing is returned (Unavailable).
@@ -140,7 +142,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		s.log.Warn("request refused", "reason", "no_token", "error", err)
 		return nil, status.Error(codes.Unauthenticated, msgNoToken)
 	}
-	caller, err := s.auth.Authenticate(ctx, token)
+	caller, err := s.auth.Authenticate(k8sauth.WithPeer(ctx, peerAddress(ctx)), token)
 	if err != nil {
 		reason := k8sauth.Reason(err)
 		s.metrics.authFailures.WithLabelValues(reason).Inc()
@@ -164,7 +166,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		log.Warn("request refused", "reason", "denied")
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
-	if !s.limiter.allow(id.String()) {
+	if !s.limiter.allow(limitKey(id, caller)) {
 		log.Warn("request refused", "reason", "rate_limited")
 		return nil, status.Error(codes.ResourceExhausted, msgRateLimited)
 	}
@@ -247,6 +249,30 @@ func requestedTTL(seconds int64) (time.Duration, error) {
 		return math.MaxInt64, nil
 	}
 	return time.Duration(seconds) * time.Second, nil
+}
+
+// limitKey is what the rate limit counts by: the pod a token is bound to,
+// so that a Deployment of a thousand replicas restarting at once is not
+// held back by its one service account, while one pod asking in a loop is;
+// the identity for tokens bound to no pod.
+func limitKey(id spiffeid.ID, c k8sauth.Caller) string {
+	if c.PodUID != "" {
+		return "pod:" + c.PodUID
+	}
+	return id.String()
+}
+
+// peerAddress is the client's IP: TokenReviews are shared fairly between
+// addresses, and in a cluster each pod has its own.
+func peerAddress(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if a, ok := p.Addr.(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return p.Addr.String()
 }
 
 func podRef(c k8sauth.Caller) string {

@@ -126,7 +126,7 @@ func run(ctx context.Context, o *options) error {
 		defer self.Release()
 		resolver = pod
 	} else {
-		authn, err := nodeAuthenticator(ctx, o)
+		authn, err := nodeAuthenticator(ctx, o, k8sauth.NewMetrics(reg, "meshid_agent"), log)
 		if err != nil {
 			return err
 		}
@@ -239,9 +239,13 @@ func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slo
 	}
 }
 
-// nodeAuthenticator checks the tokens proxies present on their streams, with
-// a short cache so reconnecting proxies do not each cost a review.
-func nodeAuthenticator(ctx context.Context, o *options) (k8sauth.Authenticator, error) {
+// nodeAuthenticator checks the tokens proxies present on their streams.
+// What a token's claims or the cluster's keys condemn is refused here; the
+// rest is reviewed, --token-review-concurrency at a time shared fairly
+// between the processes connected, so one process sending junk cannot hold
+// up the others' first certificates. A short cache spares reconnecting
+// proxies a review each.
+func nodeAuthenticator(ctx context.Context, o *options, metrics *k8sauth.Metrics, log *slog.Logger) (k8sauth.Authenticator, error) {
 	var authn k8sauth.Authenticator
 	switch o.auth {
 	case "jwks":
@@ -255,11 +259,22 @@ func nodeAuthenticator(ctx context.Context, o *options) (k8sauth.Authenticator, 
 		if err != nil {
 			return nil, err
 		}
+		cfg.QPS, cfg.Burst = o.kubeQPS, o.kubeBurst
 		kube, err := kubernetes.NewForConfig(cfg)
 		if err != nil {
 			return nil, fmt.Errorf("kubernetes client: %w", err)
 		}
-		authn = &k8sauth.TokenReview{Client: kube.AuthenticationV1(), Audiences: o.audiences}
+		disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
+		go disc.Run(ctx, 10*time.Second, log)
+		authn = &k8sauth.Kubernetes{
+			Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Metrics: metrics,
+			Review: &k8sauth.Fair{
+				Auth:        &k8sauth.TokenReview{Client: kube.AuthenticationV1(), Audiences: o.audiences, Metrics: metrics},
+				Concurrency: o.reviewConcurrency,
+				PerPeer:     64,
+				Metrics:     metrics,
+			},
+		}
 	}
-	return k8sauth.NewCache(authn, 30*time.Second, 10000, nil), nil
+	return k8sauth.NewCache(authn, k8sauth.CacheConfig{TTL: 30 * time.Second, NegativeTTL: 10 * time.Second, Size: 10000, Metrics: metrics}), nil
 }

@@ -29,11 +29,15 @@ type options struct {
 	serviceAccount string
 	tokenFile      string
 
-	auth        string
-	audiences   []string
-	kubeconfig  string
-	jwksFile    string
-	tokenIssuer string
+	auth       string
+	audiences  []string
+	kubeconfig string
+	kubeQPS    float32
+	kubeBurst  int
+
+	reviewConcurrency int
+	jwksFile          string
+	tokenIssuer       string
 
 	sdsSocket         string
 	workloadAPISocket string
@@ -62,6 +66,9 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.auth, "auth", "tokenreview", "node mode: how stream tokens are checked: tokenreview (ask the API server) or jwks (offline, --jwks-file and --token-issuer)")
 	fs.StringSliceVar(&o.audiences, "audiences", []string{"istio-ca"}, "node mode: audiences a stream token must carry")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "node mode with --auth=tokenreview: kubeconfig (default: in-cluster config)")
+	fs.Float32Var(&o.kubeQPS, "kube-api-qps", 50, "node mode with --auth=tokenreview: requests per second to the API server at most (TokenReviews, issuer discovery)")
+	fs.IntVar(&o.kubeBurst, "kube-api-burst", 100, "requests allowed at once above --kube-api-qps")
+	fs.IntVar(&o.reviewConcurrency, "token-review-concurrency", 8, "node mode with --auth=tokenreview: TokenReviews in flight at most; more wait, shared fairly between the processes that connect")
 	fs.StringVar(&o.jwksFile, "jwks-file", "", "node mode with --auth=jwks: the token issuer's JWKS file")
 	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "node mode with --auth=jwks: expected iss claim")
 	fs.StringVar(&o.caAddr, "ca-addr", "meshid-ca.meshid-system.svc:15012", "meshid-ca's gRPC address (TLS)")
@@ -116,6 +123,9 @@ func (o *options) complete() error {
 		}
 		switch o.auth {
 		case "tokenreview":
+			if o.kubeQPS <= 0 || o.kubeBurst < 1 || o.reviewConcurrency < 1 {
+				bad("--kube-api-qps must be positive, --kube-api-burst and --token-review-concurrency at least 1")
+			}
 		case "jwks":
 			if o.jwksFile == "" || o.tokenIssuer == "" {
 				bad("--auth=jwks needs --jwks-file and --token-issuer")

@@ -25,6 +25,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
+	"k8s.io/client-go/rest"
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin"
@@ -75,25 +77,29 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 
-	var kube kubernetes.Interface
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var (
+		kube    kubernetes.Interface
+		kubeCfg *rest.Config
+	)
 	if o.needsKube() {
-		cfg, err := kubeconfig.Load(o.kubeconfig)
-		if err != nil {
+		if kubeCfg, err = kubeconfig.Load(o.kubeconfig); err != nil {
 			return err
 		}
-		if kube, err = kubernetes.NewForConfig(cfg); err != nil {
+		kubeCfg.QPS, kubeCfg.Burst = o.kubeQPS, o.kubeBurst
+		if kube, err = kubernetes.NewForConfig(kubeCfg); err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 	}
 
-	authn, err := newAuthenticator(ctx, o, kube)
+	authn, err := newAuthenticator(ctx, o, kube, kubeCfg, k8sauth.NewMetrics(reg, "meshid_ca"), log)
 	if err != nil {
 		return err
 	}
 
 	var issuers keys.Source
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := server.NewMetrics(reg, &issuers)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meshid_ca_root_rotation_stage",
@@ -528,11 +534,46 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 	}
 }
 
-func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface) (k8sauth.Authenticator, error) {
+// newAuthenticator builds how tokens are checked (--auth), behind the token
+// cache. In the cluster modes, what a token's claims or the cluster's own
+// keys condemn is refused without asking the API server; TokenReviews go
+// out --token-review-concurrency at a time, shared fairly between clients,
+// on a client of their own (--token-review-qps) so a storm of reviews does
+// not hold up the watches and probes the offline checks depend on.
+func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface, cfg *rest.Config, metrics *k8sauth.Metrics, log *slog.Logger) (k8sauth.Authenticator, error) {
 	var authn k8sauth.Authenticator
 	switch o.auth {
-	case authTokenReview:
-		authn = &k8sauth.TokenReview{Client: kube.AuthenticationV1(), Audiences: o.audiences}
+	case authKubernetes, authTokenReview:
+		reviewCfg := rest.CopyConfig(cfg)
+		reviewCfg.QPS, reviewCfg.Burst = o.reviewQPS, o.reviewBurst
+		reviews, err := kubernetes.NewForConfig(reviewCfg)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		review := &k8sauth.Fair{
+			Auth:        &k8sauth.TokenReview{Client: reviews.AuthenticationV1(), Audiences: o.audiences, Metrics: metrics},
+			Concurrency: o.reviewConcurrency,
+			PerPeer:     reviewQueuePerPeer,
+			Metrics:     metrics,
+		}
+		disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
+		lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err = disc.Load(lctx)
+		cancel()
+		if err != nil {
+			go disc.Run(ctx, 10*time.Second, log)
+		} else {
+			log.Info("token issuer and keys discovered from the API server", "issuer", disc.Issuer())
+		}
+		k := &k8sauth.Kubernetes{Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Review: review, Metrics: metrics}
+		if o.auth == authKubernetes {
+			md, err := metadata.NewForConfig(cfg)
+			if err != nil {
+				return nil, fmt.Errorf("kubernetes metadata client: %w", err)
+			}
+			k.Objects = k8sauth.WatchObjects(ctx, md, kube.Discovery().RESTClient(), metrics, log)
+		}
+		authn = k
 	case authJWKS:
 		var ks *k8sauth.KeySet
 		if o.jwksFile != "" {
@@ -549,8 +590,14 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 		}
 		authn = &k8sauth.JWKS{Issuer: o.tokenIssuer, Audiences: o.audiences, Keys: ks, Leeway: 30 * time.Second}
 	}
-	return k8sauth.NewCache(authn, o.tokenCacheTTL, o.tokenCacheSize, nil), nil
+	return k8sauth.NewCache(authn, k8sauth.CacheConfig{
+		TTL: o.tokenCacheTTL, NegativeTTL: o.tokenNegativeCacheTTL, Size: o.tokenCacheSize, Metrics: metrics,
+	}), nil
 }
+
+// reviewQueuePerPeer bounds the TokenReviews one client address may have
+// waiting; more are refused as Unavailable (Istio's agent retries them).
+const reviewQueuePerPeer = 256
 
 func jwksHTTPClient(caFile string) (*http.Client, error) {
 	t := http.DefaultTransport.(*http.Transport).Clone()

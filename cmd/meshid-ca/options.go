@@ -24,6 +24,7 @@ const (
 	sourceSecret = "secret"
 	sourcePlugin = "plugin"
 
+	authKubernetes  = "kubernetes"
 	authTokenReview = "tokenreview"
 	authJWKS        = "jwks"
 )
@@ -52,14 +53,20 @@ type options struct {
 	defaultTTL time.Duration
 	maxTTL     time.Duration
 
-	auth           string
-	kubeconfig     string
-	jwksFile       string
-	jwksURL        string
-	jwksCAFile     string
-	tokenIssuer    string
-	tokenCacheTTL  time.Duration
-	tokenCacheSize int
+	auth                  string
+	kubeconfig            string
+	jwksFile              string
+	jwksURL               string
+	jwksCAFile            string
+	tokenIssuer           string
+	tokenCacheTTL         time.Duration
+	tokenNegativeCacheTTL time.Duration
+	tokenCacheSize        int
+	kubeQPS               float32
+	kubeBurst             int
+	reviewQPS             float32
+	reviewBurst           int
+	reviewConcurrency     int
 
 	rateLimit       float64
 	rateBurst       int
@@ -123,14 +130,20 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.defaultTTL, "default-cert-ttl", ca.DefaultTTL, "workload certificate lifetime when the request asks for none")
 	fs.DurationVar(&o.maxTTL, "max-cert-ttl", ca.DefaultMaxTTL, "longest workload certificate lifetime; longer requests are clamped")
 
-	fs.StringVar(&o.auth, "auth", authTokenReview, "how tokens are checked: tokenreview (ask the API server) or jwks (verify offline against the issuer's keys)")
+	fs.StringVar(&o.auth, "auth", authKubernetes, "how tokens are checked: kubernetes (verify against the cluster's own keys and its watched pods and service accounts, TokenReview when that cannot decide), tokenreview (TokenReview for every token its claims and the cluster's keys do not refuse), or jwks (offline against a JWKS, no API server)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for the API server (default: in-cluster config)")
 	fs.StringVar(&o.jwksFile, "jwks-file", "", "JWKS file of the service-account token issuer, for --auth=jwks")
 	fs.StringVar(&o.jwksURL, "jwks-url", "", "JWKS URL of the service-account token issuer, for --auth=jwks")
 	fs.StringVar(&o.jwksCAFile, "jwks-ca-file", "", "PEM roots to verify --jwks-url's TLS certificate (default: system roots)")
 	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "expected iss claim for --auth=jwks (the API server's --service-account-issuer)")
 	fs.DurationVar(&o.tokenCacheTTL, "token-cache-ttl", 30*time.Second, "how long a successful token check is remembered (never past the token's expiry); bounds how late a deleted service account is noticed; 0 disables")
-	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "most token checks remembered")
+	fs.DurationVar(&o.tokenNegativeCacheTTL, "token-negative-cache-ttl", 10*time.Second, "how long a token the API server refused is remembered as refused, so a client repeating it costs one TokenReview; 0 disables")
+	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "most token checks remembered (accepted, and refused, each)")
+	fs.IntVar(&o.reviewConcurrency, "token-review-concurrency", 32, "TokenReviews in flight at most; more wait, shared fairly between client addresses")
+	fs.Float32Var(&o.reviewQPS, "token-review-qps", 500, "TokenReviews per second at most, sustained (client-side; the API server's Priority and Fairness also applies)")
+	fs.IntVar(&o.reviewBurst, "token-review-burst", 1000, "TokenReviews allowed at once above --token-review-qps")
+	fs.Float32Var(&o.kubeQPS, "kube-api-qps", 50, "requests per second to the API server for everything but TokenReviews (watches, probes, ConfigMaps, the CA Secret, leases)")
+	fs.IntVar(&o.kubeBurst, "kube-api-burst", 100, "requests allowed at once above --kube-api-qps")
 
 	fs.StringVar(&o.ledger, "ledger", ledgerSQLite, "where every issued certificate is recorded before it is returned: sqlite (a file, one replica) or postgres (shared by replicas)")
 	fs.StringVar(&o.ledgerDSN, "ledger-dsn", "", "sqlite: the database file (default <state-dir>/ledger.db); postgres: the connection URL (prefer --ledger-dsn-file: a URL with a password shows in the process list)")
@@ -228,7 +241,7 @@ func (o *options) complete() error {
 	}
 
 	switch o.auth {
-	case authTokenReview:
+	case authKubernetes, authTokenReview:
 		if o.jwksFile != "" || o.jwksURL != "" {
 			bad("--jwks-file and --jwks-url need --auth=jwks")
 		}
@@ -240,10 +253,16 @@ func (o *options) complete() error {
 			bad("--auth=jwks needs --token-issuer")
 		}
 	default:
-		bad("--auth must be tokenreview or jwks, not %q", o.auth)
+		bad("--auth must be kubernetes, tokenreview or jwks, not %q", o.auth)
 	}
-	if o.tokenCacheTTL < 0 || o.tokenCacheSize < 0 {
-		bad("--token-cache-ttl and --token-cache-size must not be negative")
+	if o.tokenCacheTTL < 0 || o.tokenNegativeCacheTTL < 0 || o.tokenCacheSize < 0 {
+		bad("--token-cache-ttl, --token-negative-cache-ttl and --token-cache-size must not be negative")
+	}
+	if o.reviewConcurrency < 1 {
+		bad("--token-review-concurrency must be at least 1")
+	}
+	if o.reviewQPS <= 0 || o.reviewBurst < 1 || o.kubeQPS <= 0 || o.kubeBurst < 1 {
+		bad("--token-review-qps, --kube-api-qps must be positive and --token-review-burst, --kube-api-burst at least 1")
 	}
 	if o.rateLimit < 0 || (o.rateLimit > 0 && o.rateBurst < 1) {
 		bad("--rate-limit must not be negative, and --rate-burst must be at least 1 when limiting")
@@ -335,7 +354,7 @@ func (o *options) complete() error {
 
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || o.auth == authTokenReview
+	return o.caSource == sourceSecret || o.auth != authJWKS
 }
 
 func (o *options) limit() rate.Limit { return rate.Limit(o.rateLimit) }

@@ -79,7 +79,7 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--root-ttl=1h", "--intermediate-ttl=2h"}, "the intermediate no longer than the root"},
 		{[]string{"--default-cert-ttl=48h"}, "the default no longer than the max"},
 		{[]string{"--max-cert-ttl=0s"}, "--max-cert-ttl must be positive"},
-		{[]string{"--auth=oidc"}, `--auth must be tokenreview or jwks, not "oidc"`},
+		{[]string{"--auth=oidc"}, `--auth must be kubernetes, tokenreview or jwks, not "oidc"`},
 		{[]string{"--auth=jwks", "--token-issuer=https://x"}, "exactly one of --jwks-file and --jwks-url"},
 		{[]string{"--auth=jwks", "--jwks-file=a", "--jwks-url=https://b", "--token-issuer=https://x"}, "exactly one of --jwks-file and --jwks-url"},
 		{[]string{"--auth=jwks", "--jwks-file=a"}, "--auth=jwks needs --token-issuer"},

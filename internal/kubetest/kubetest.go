@@ -127,6 +127,13 @@ func start(assets, dir string) (*Cluster, error) {
 	return c, nil
 }
 
+// ServiceAccountSigningKeyFile is the PEM private key the API server signs
+// service-account tokens with, for tests that must forge a token only one
+// claim away from a valid one (an expired one, say).
+func (c *Cluster) ServiceAccountSigningKeyFile() string {
+	return filepath.Join(c.env.ControlPlane.APIServer.CertDir, "sa-signer.key")
+}
+
 // Stop stops the control plane; calling it twice is harmless.
 func (c *Cluster) Stop() error {
 	if c.env == nil {

@@ -103,13 +103,16 @@ func (is *Issuer) JWKS() []byte {
 
 // Claims describe one token.
 type Claims struct {
-	Namespace      string
-	ServiceAccount string
-	PodName        string // optional: binds the token to a pod
-	PodUID         string
-	Audiences      []string
-	TTL            time.Duration // 0 means one hour
-	Now            time.Time     // zero means time.Now
+	Namespace         string
+	ServiceAccount    string
+	ServiceAccountUID string // zero means a fixed placeholder
+	PodName           string // optional: binds the token to a pod
+	PodUID            string
+	SecretName        string // optional: binds the token to a Secret
+	SecretUID         string
+	Audiences         []string
+	TTL               time.Duration // 0 means one hour
+	Now               time.Time     // zero means time.Now
 }
 
 // Token mints a signed token.
@@ -122,12 +125,19 @@ func (is *Issuer) Token(c Claims) (string, error) {
 	if ttl == 0 {
 		ttl = time.Hour
 	}
+	saUID := c.ServiceAccountUID
+	if saUID == "" {
+		saUID = "00000000-0000-0000-0000-0000000000sa"
+	}
 	k8s := map[string]any{
 		"namespace":      c.Namespace,
-		"serviceaccount": map[string]string{"name": c.ServiceAccount, "uid": "00000000-0000-0000-0000-0000000000sa"},
+		"serviceaccount": map[string]string{"name": c.ServiceAccount, "uid": saUID},
 	}
 	if c.PodName != "" {
 		k8s["pod"] = map[string]string{"name": c.PodName, "uid": c.PodUID}
+	}
+	if c.SecretName != "" {
+		k8s["secret"] = map[string]string{"name": c.SecretName, "uid": c.SecretUID}
 	}
 	return jwt.Signed(is.signer).Claims(jwt.Claims{
 		Issuer:    is.URL,
