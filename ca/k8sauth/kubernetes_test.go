@@ -97,14 +97,18 @@ func TestKubernetes(t *testing.T) {
 		{name: "bound to no pod: its service account is enough", token: mint(is, func(c *satoken.Claims) { c.PodName, c.PodUID = "", "" })},
 		{name: "expired, within the API server's leeway", token: mint(is, func(c *satoken.Claims) { c.Now = now.Add(-60*time.Minute - 30*time.Second) })},
 		{name: "pod deleting, within the API server's leeway", token: good,
-			objects: func(o *objects) { o.pods["demo/web-1"] = k8sauth.Object{UID: "pod-uid-1", Deleted: now.Add(-30 * time.Second)} }},
+			objects: func(o *objects) {
+				o.pods["demo/web-1"] = k8sauth.Object{UID: "pod-uid-1", Deleted: now.Add(-30 * time.Second)}
+			}},
 
 		{name: "garbage", token: "garbage", want: "malformed"},
 		{name: "expired beyond the leeway", token: mint(is, func(c *satoken.Claims) { c.Now = now.Add(-62 * time.Minute) }), want: "expired"},
 		{name: "another audience", token: mint(is, func(c *satoken.Claims) { c.Audiences = []string{"vault"} }), want: "audience"},
 		{name: "known key, bad signature", token: parts[0] + "." + editPayload(t, parts[1], "web-1", "web-2") + "." + parts[2], want: "signature"},
 		{name: "pod deleted longer ago than the leeway", token: good,
-			objects: func(o *objects) { o.pods["demo/web-1"] = k8sauth.Object{UID: "pod-uid-1", Deleted: now.Add(-61 * time.Second)} }, want: "deleted"},
+			objects: func(o *objects) {
+				o.pods["demo/web-1"] = k8sauth.Object{UID: "pod-uid-1", Deleted: now.Add(-61 * time.Second)}
+			}, want: "deleted"},
 		{name: "service account deleted", token: good,
 			objects: func(o *objects) { o.sas["demo/web"] = k8sauth.Object{UID: saUID, Deleted: now.Add(-2 * time.Minute)} }, want: "deleted"},
 
