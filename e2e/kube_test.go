@@ -144,9 +144,7 @@ func TestKubeAPIServerDown(t *testing.T) {
 	// Tokens minted while the API server was up, never reviewed yet, so no
 	// cache can answer for them.
 	token := cluster.Token(t, "shop", "web", "istio-ca")
-	if err := cluster.Stop(); err != nil {
-		t.Fatal(err)
-	}
+	cluster.KillAPIServer(t)
 	before := issuedCount(t, p)
 	_, err := sign(context.Background(), client, web, token)
 	if got := status.Code(err); got != codes.Unavailable {

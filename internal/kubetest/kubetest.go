@@ -12,6 +12,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -132,6 +135,61 @@ func start(assets, dir string) (*Cluster, error) {
 // claim away from a valid one (an expired one, say).
 func (c *Cluster) ServiceAccountSigningKeyFile() string {
 	return filepath.Join(c.env.ControlPlane.APIServer.CertDir, "sa-signer.key")
+}
+
+// KillAPIServer kills kube-apiserver with SIGKILL, as a crash or a lost
+// node would, and waits until it is gone; etcd keeps running. (A graceful
+// stop can take envtest's whole 20 s stop timeout while clients hold
+// watches open.)
+func (c *Cluster) KillAPIServer(t testing.TB) {
+	t.Helper()
+	pid := ChildPID("kube-apiserver")
+	if pid == 0 {
+		t.Fatal("kubetest: no kube-apiserver child process")
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kubetest: killing kube-apiserver: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		// Gone, or a zombie envtest has not reaped yet: either way it
+		// serves nothing.
+		if err != nil || strings.Contains(string(b[strings.LastIndexByte(string(b), ')')+1:]), " Z ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("kubetest: kube-apiserver still running 30s after SIGKILL")
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
+}
+
+// ChildPID finds a child of this process running the program named comm
+// (envtest starts kube-apiserver and etcd); 0 if there is none.
+func ChildPID(comm string) int {
+	ents, _ := os.ReadDir("/proc")
+	me := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || end < open || s[open+1:end] != comm {
+			continue
+		}
+		f := strings.Fields(s[end+2:])
+		if ppid, _ := strconv.Atoi(f[1]); ppid == me {
+			return pid
+		}
+	}
+	return 0
 }
 
 // Stop stops the control plane; calling it twice is harmless.
