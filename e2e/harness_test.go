@@ -43,6 +43,14 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
+	if v := os.Getenv(sdsFloodEnv); v != "" {
+		socket, file, _ := strings.Cut(v, ",")
+		if err := floodSDS(socket, file); err != nil {
+			fmt.Fprintln(os.Stderr, "flood:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(buildAndRun(m))
 }
 

@@ -191,6 +191,9 @@ func (o *Objects) Fresh() bool {
 		o.pods.HasSynced() && o.sas.HasSynced()
 }
 
+// Synced says whether the first lists of pods and service accounts arrived.
+func (o *Objects) Synced() bool { return o.pods.HasSynced() && o.sas.HasSynced() }
+
 // Pod looks a pod up.
 func (o *Objects) Pod(namespace, name string) (Object, bool) {
 	return lookupObject(o.pods, namespace, name)

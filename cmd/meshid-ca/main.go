@@ -94,7 +94,7 @@ func run(ctx context.Context, o *options) error {
 		}
 	}
 
-	authn, err := newAuthenticator(ctx, o, kube, kubeCfg, k8sauth.NewMetrics(reg, "meshid_ca"), log)
+	authn, objects, err := newAuthenticator(ctx, o, kube, kubeCfg, k8sauth.NewMetrics(reg, "meshid_ca"), log)
 	if err != nil {
 		return err
 	}
@@ -226,9 +226,17 @@ func run(ctx context.Context, o *options) error {
 	}
 	grpcServer, health := server.NewGRPCServer(svc, tlsConfig, o.maxMessageBytes)
 
+	started := time.Now()
 	ready := func() error {
 		if issuers.Issuer() == nil {
 			return errors.New("CA keys not loaded")
+		}
+		// Not ready until pods and service accounts are listed, so a
+		// replica that just started does not send a storm's tokens to
+		// TokenReview; but no longer than objectsSyncWait, since the
+		// reviews answer correctly meanwhile.
+		if objects != nil && !objects.Synced() && time.Since(started) < objectsSyncWait {
+			return errors.New("pods and service accounts not listed yet")
 		}
 		return nil
 	}
@@ -540,15 +548,20 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 // out --token-review-concurrency at a time, shared fairly between clients,
 // on a client of their own (--token-review-qps) so a storm of reviews does
 // not hold up the watches and probes the offline checks depend on.
-func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface, cfg *rest.Config, metrics *k8sauth.Metrics, log *slog.Logger) (k8sauth.Authenticator, error) {
-	var authn k8sauth.Authenticator
+//
+// It also returns the watched objects (--auth=kubernetes), nil otherwise.
+func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface, cfg *rest.Config, metrics *k8sauth.Metrics, log *slog.Logger) (k8sauth.Authenticator, *k8sauth.Objects, error) {
+	var (
+		authn   k8sauth.Authenticator
+		objects *k8sauth.Objects
+	)
 	switch o.auth {
 	case authKubernetes, authTokenReview:
 		reviewCfg := rest.CopyConfig(cfg)
 		reviewCfg.QPS, reviewCfg.Burst = o.reviewQPS, o.reviewBurst
 		reviews, err := kubernetes.NewForConfig(reviewCfg)
 		if err != nil {
-			return nil, fmt.Errorf("kubernetes client: %w", err)
+			return nil, nil, fmt.Errorf("kubernetes client: %w", err)
 		}
 		review := &k8sauth.Fair{
 			Auth:        &k8sauth.TokenReview{Client: reviews.AuthenticationV1(), Audiences: o.audiences, Metrics: metrics},
@@ -569,9 +582,10 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 		if o.auth == authKubernetes {
 			md, err := metadata.NewForConfig(cfg)
 			if err != nil {
-				return nil, fmt.Errorf("kubernetes metadata client: %w", err)
+				return nil, nil, fmt.Errorf("kubernetes metadata client: %w", err)
 			}
-			k.Objects = k8sauth.WatchObjects(ctx, md, kube.Discovery().RESTClient(), metrics, log)
+			objects = k8sauth.WatchObjects(ctx, md, kube.Discovery().RESTClient(), metrics, log)
+			k.Objects = objects
 		}
 		authn = k
 	case authJWKS:
@@ -581,19 +595,23 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 		} else {
 			client, err := jwksHTTPClient(o.jwksCAFile)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			ks = k8sauth.NewURLKeySet(o.jwksURL, client)
 		}
 		if err := ks.Load(ctx); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		authn = &k8sauth.JWKS{Issuer: o.tokenIssuer, Audiences: o.audiences, Keys: ks, Leeway: 30 * time.Second}
 	}
 	return k8sauth.NewCache(authn, k8sauth.CacheConfig{
 		TTL: o.tokenCacheTTL, NegativeTTL: o.tokenNegativeCacheTTL, Size: o.tokenCacheSize, Metrics: metrics,
-	}), nil
+	}), objects, nil
 }
+
+// objectsSyncWait is how long /readyz waits for the first lists of pods and
+// service accounts (--auth=kubernetes).
+const objectsSyncWait = 30 * time.Second
 
 // reviewQueuePerPeer bounds the TokenReviews one client address may have
 // waiting; more are refused as Unavailable (Istio's agent retries them).

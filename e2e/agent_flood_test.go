@@ -1,0 +1,230 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/sds"
+)
+
+// sdsFloodEnv names the socket and a file of bad tokens ("socket,file") the
+// e2e test binary, started again as a child, floods instead of running
+// tests: one local process sending tokens that must be refused, as fast as
+// the agent answers.
+const sdsFloodEnv = "MESHID_E2E_SDS_FLOOD"
+
+// floodSDS opens SDS streams on socket, floodStreams at a time, until it is
+// killed, each with a bad token: one from file, junk, or the first token of
+// file (a valid one, never sent as is) with its signature forged.
+func floodSDS(socket, file string) error {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return err
+	}
+	lines := strings.Fields(string(b))
+	if len(lines) < 2 {
+		return fmt.Errorf("%s: want a token to forge and bad tokens", file)
+	}
+	template, tokens := lines[0], lines[1:]
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	client := secretv3.NewSecretDiscoveryServiceClient(conn)
+	var wg sync.WaitGroup
+	for w := range floodStreams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; ; i += floodStreams {
+				var tok string
+				switch n := i % (len(tokens) + 2); {
+				case n < len(tokens):
+					tok = tokens[n]
+				case n == len(tokens):
+					tok = randomJunk()
+				default:
+					tok = forgedSignature(template, i)
+				}
+				firstSecret(context.Background(), client, tok)
+			}
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+// firstSecret opens an SDS stream as Envoy does with token and returns the
+// SPIFFE ID of the first certificate sent.
+func firstSecret(ctx context.Context, client secretv3.SecretDiscoveryServiceClient, token string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	stream, err := client.StreamSecrets(ctx)
+	if err != nil {
+		return "", err
+	}
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType}); err != nil {
+		return "", err
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		return "", err
+	}
+	var sec tlsv3.Secret
+	if err := resp.Resources[0].UnmarshalTo(&sec); err != nil {
+		return "", err
+	}
+	certs, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+	if err != nil {
+		return "", err
+	}
+	return certs[0].URIs[0].String(), nil
+}
+
+// TestAgentNodeFlood: meshid-agent in node mode, checking tokens with the
+// API server as deploy/base sets it up, while four other local processes
+// flood its socket with tokens that must be refused. Every proxy's stream
+// still gets its first certificate, about as fast as without the flood,
+// and the flood costs the API server no TokenReview.
+func TestAgentNodeFlood(t *testing.T) {
+	e := newStormEnv(t)
+	e.cluster.ServiceAccount(t, "meshid-system", "meshid-agent")
+	a := newApplier(t, e.cluster)
+	for _, obj := range yamlObjects(t, "../deploy/base/agent-rbac.yaml") {
+		if obj.GetKind() == "ServiceAccount" {
+			obj.SetNamespace("meshid-system")
+		}
+		a.apply(t, obj)
+	}
+	agentKubeconfig := e.cluster.KubeconfigFor(t, "meshid-system", "meshid-agent")
+	state := t.TempDir()
+	p := startCA(t, e.caArgs("kubernetes", state)...)
+	p.WaitReady(t, 60*time.Second)
+	socket := shortSocket(t)
+	ag := startAgent(t, "--mode=node", "--auth=tokenreview", "--kubeconfig="+agentKubeconfig,
+		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
+		"--ca-root-file="+filepath.Join(state, "ca", "root-cert.pem"), "--sds-socket="+socket)
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := secretv3.NewSecretDiscoveryServiceClient(conn)
+	const proxies = 40
+	pods := e.createPods(t, "proxy", 2*proxies, 8)
+	waitUntil(t, 30*time.Second, "the agent to serve", func() bool {
+		_, err := firstSecret(context.Background(), client, e.tokens(t, pods[:1])[0])
+		return err == nil
+	})
+
+	// connect opens one stream per pod at once, each with a new token, and
+	// returns how long until all had a certificate of their own identity.
+	connect := func(pods []stormPod) time.Duration {
+		tokens := e.tokens(t, pods)
+		var wg sync.WaitGroup
+		errs := make(chan error, len(pods))
+		start := time.Now()
+		for i := range pods {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				id, err := firstSecret(context.Background(), client, tokens[i])
+				if err == nil && id != pods[i].id.String() {
+					err = fmt.Errorf("certificate for %s, want %s", id, pods[i].id)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("pod %s: %w", pods[i].name, err)
+				}
+			}()
+		}
+		wg.Wait()
+		d := time.Since(start)
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		return d
+	}
+	quiet := connect(pods[:proxies])
+
+	// The flood: expired, wrong-audience, junk and forged tokens from four
+	// processes of their own.
+	valid := e.tokens(t, pods[:1])[0]
+	wrongAud, err := e.podToken(pods[0], "vault")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expired := e.forge(t, valid, func(c map[string]any) {
+		now := time.Now().Unix()
+		c["iat"], c["nbf"], c["exp"] = now-7200, now-7200, now-3600
+	})
+	bad := filepath.Join(t.TempDir(), "bad-tokens")
+	mustWrite(t, bad, []byte(strings.Join([]string{valid, expired, wrongAud}, "\n")), 0o600)
+	reviewsBefore := e.tokenReviews(t)
+	for range 4 {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), sdsFloodEnv+"="+socket+","+bad)
+		stderr, _ := cmd.StderrPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			sc := bufio.NewScanner(stderr)
+			for sc.Scan() {
+				t.Log("flood:", sc.Text())
+			}
+		}()
+		t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
+	}
+	waitUntil(t, 30*time.Second, "the flood to be refused", func() bool {
+		return sumMetric(agentMetrics(t, ag), "meshid_agent_tokens_decided_locally_total", `result="refused"`) > 1000
+	})
+	flooded := connect(pods[proxies:])
+	refused := sumMetric(agentMetrics(t, ag), "meshid_agent_tokens_decided_locally_total", `result="refused"`)
+	reviews := e.tokenReviews(t) - reviewsBefore
+	t.Logf("%d streams: first certificates in %s quiet, %s under a flood (%.0f bad tokens refused by the agent; %.0f TokenReviews meanwhile)",
+		proxies, quiet.Round(time.Millisecond), flooded.Round(time.Millisecond), refused, reviews)
+	// One review per proxy token (the CA reviews none: it checks them
+	// offline), none for the flood.
+	if max := float64(proxies); reviews > max {
+		t.Errorf("%.0f TokenReviews during the flood, want at most %.0f (one per proxy token)", reviews, max)
+	}
+	// Generous: CI machines are shared and noisy; the point is that the
+	// flood does not stop or stall first certificates.
+	if flooded > 5*quiet+2*time.Second {
+		t.Errorf("first certificates took %s under the flood, %s without", flooded, quiet)
+	}
+}
+
+// agentMetrics reads the agent's /metrics ("" if it does not answer).
+func agentMetrics(t *testing.T, a *agentProcess) string {
+	t.Helper()
+	resp, err := http.Get("http://" + a.httpAddr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
