@@ -71,6 +71,16 @@ func buildAndRun(m *testing.M) int {
 	return m.Run()
 }
 
+// caBinary is the meshid-ca the tests run: this checkout's, or
+// $MESHID_E2E_CA_BIN (an older build, for the before figures of a
+// benchmark such as hack/storm.sh).
+func caBinary() string {
+	if bin := os.Getenv("MESHID_E2E_CA_BIN"); bin != "" {
+		return bin
+	}
+	return filepath.Join(binDir, "meshid-ca")
+}
+
 // caProcess is a running meshid-ca.
 type caProcess struct {
 	GRPCAddr  string
@@ -97,7 +107,7 @@ func startCA(t testing.TB, args ...string) *caProcess {
 func launchCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
 	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
-	cmd := exec.Command(filepath.Join(binDir, "meshid-ca"), args...)
+	cmd := exec.Command(caBinary(), args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -40,14 +40,22 @@ func waitLogged(t *testing.T, p *caProcess, id string) {
 	}
 }
 
-// TestKubeTokenReview drives meshid-ca in TokenReview mode against a real
-// kube-apiserver with tokens from TokenRequest.
+// TestKubeTokenReview drives meshid-ca against a real kube-apiserver with
+// tokens from TokenRequest, in TokenReview mode and in the default mode
+// (offline checks, TokenReview when they cannot decide): both must make
+// the same refusals, with the same codes.
 func TestKubeTokenReview(t *testing.T) {
+	for _, mode := range []string{"tokenreview", "kubernetes"} {
+		t.Run(mode, func(t *testing.T) { testKubeTokenReview(t, mode) })
+	}
+}
+
+func testKubeTokenReview(t *testing.T, mode string) {
 	cluster := kubetest.Start(t)
 	cluster.ServiceAccount(t, "shop", "web")
 	cluster.ServiceAccount(t, "billing", "api")
 	state := t.TempDir()
-	p := startCA(t, "--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig,
+	p := startCA(t, "--auth="+mode, "--kubeconfig="+cluster.Kubeconfig,
 		"--ca-source=dir", "--state-dir="+state,
 		// Short enough that the deleted-account case below does not wait
 		// long for meshid's own cache after the API server's.
