@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -51,6 +52,12 @@ func floodSDS(socket, file string) error {
 		return err
 	}
 	client := secretv3.NewSecretDiscoveryServiceClient(conn)
+	var sent atomic.Int64
+	// At full speed: floodWarm tokens sent, or two seconds of sending
+	// (an agent that makes each bad token wait is flooded all the same).
+	var warmOnce sync.Once
+	warm := func() { warmOnce.Do(func() { fmt.Fprintln(os.Stderr, floodWarmLine) }) }
+	time.AfterFunc(2*time.Second, warm)
 	var wg sync.WaitGroup
 	for w := range floodStreams {
 		wg.Add(1)
@@ -67,12 +74,22 @@ func floodSDS(socket, file string) error {
 					tok = forgedSignature(template, i)
 				}
 				firstSecret(context.Background(), client, tok)
+				if sent.Add(1) == floodWarm {
+					warm()
+				}
 			}
 		}()
 	}
 	wg.Wait()
 	return nil
 }
+
+// A flood process prints floodWarmLine once it has sent floodWarm tokens,
+// or after two seconds.
+const (
+	floodWarm     = 500
+	floodWarmLine = "flood: at full speed"
+)
 
 // firstSecret opens an SDS stream as Envoy does with token and returns the
 // SPIFFE ID of the first certificate sent.
@@ -182,6 +199,7 @@ func TestAgentNodeFlood(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad-tokens")
 	mustWrite(t, bad, []byte(strings.Join([]string{valid, expired, wrongAud}, "\n")), 0o600)
 	reviewsBefore := e.tokenReviews(t)
+	warm := make(chan struct{}, 4)
 	for range 4 {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), sdsFloodEnv+"="+socket+","+bad)
@@ -192,14 +210,22 @@ func TestAgentNodeFlood(t *testing.T) {
 		go func() {
 			sc := bufio.NewScanner(stderr)
 			for sc.Scan() {
-				t.Log("flood:", sc.Text())
+				if sc.Text() == floodWarmLine {
+					warm <- struct{}{}
+					continue
+				}
+				t.Log(sc.Text())
 			}
 		}()
 		t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
 	}
-	waitUntil(t, 30*time.Second, "the flood to be refused", func() bool {
-		return sumMetric(agentMetrics(t, ag), "meshid_agent_tokens_decided_locally_total", `result="refused"`) > 1000
-	})
+	for range 4 {
+		select {
+		case <-warm:
+		case <-time.After(60 * time.Second):
+			t.Fatal("the flood processes did not get going within 60s")
+		}
+	}
 	flooded := connect(pods[proxies:])
 	refused := sumMetric(agentMetrics(t, ag), "meshid_agent_tokens_decided_locally_total", `result="refused"`)
 	reviews := e.tokenReviews(t) - reviewsBefore

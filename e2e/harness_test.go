@@ -81,6 +81,15 @@ func caBinary() string {
 	return filepath.Join(binDir, "meshid-ca")
 }
 
+// agentBinary is the meshid-agent the tests run: this checkout's, or
+// $MESHID_E2E_AGENT_BIN, as caBinary.
+func agentBinary() string {
+	if bin := os.Getenv("MESHID_E2E_AGENT_BIN"); bin != "" {
+		return bin
+	}
+	return filepath.Join(binDir, "meshid-agent")
+}
+
 // caProcess is a running meshid-ca.
 type caProcess struct {
 	GRPCAddr  string
@@ -325,7 +334,7 @@ type agentProcess struct {
 func startAgent(t *testing.T, args ...string) *agentProcess {
 	t.Helper()
 	a := &agentProcess{httpAddr: fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t)), log: &lockedBuffer{}, exited: make(chan struct{})}
-	a.cmd = exec.Command(filepath.Join(binDir, "meshid-agent"), append([]string{"--http-addr=" + a.httpAddr, "--log-format=text"}, args...)...)
+	a.cmd = exec.Command(agentBinary(), append([]string{"--http-addr=" + a.httpAddr, "--log-format=text"}, args...)...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)

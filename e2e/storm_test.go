@@ -820,7 +820,7 @@ func TestStormBenchmark(t *testing.T) {
 	e := newStormEnv(t)
 	sizes := os.Getenv("MESHID_STORM_SIZES")
 	if sizes == "" {
-		sizes = "2000/100,10000/100,1000/1"
+		sizes = "2000/100,10000/100,1000/100,1000/1"
 	}
 	modes := strings.Split(envOr("MESHID_STORM_MODES", "jwks,kubernetes,tokenreview"), ",")
 	var results []stormResult

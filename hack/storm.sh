@@ -8,7 +8,7 @@
 # with four clients flooding the CA with bad tokens. Prints a table; the
 # results also go to $MESHID_STORM_OUT (default /tmp/meshid-storm.json).
 #
-#   hack/storm.sh                                  # 2000/100, 10000/100, 1000/1: about 4 minutes
+#   hack/storm.sh                                  # 2000/100, 10000/100, 1000/100, 1000/1: about 5 minutes
 #   MESHID_STORM_SIZES=500/10 hack/storm.sh        # pods/service-accounts, comma-separated
 #   MESHID_STORM_MODES=kubernetes MESHID_STORM_FLOOD=0 hack/storm.sh
 #   MESHID_STORM_PROFILE=/tmp MESHID_STORM_CA_FLAGS=--profiling hack/storm.sh   # CPU profiles of meshid-ca

@@ -140,8 +140,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.tokenNegativeCacheTTL, "token-negative-cache-ttl", 10*time.Second, "how long a token the API server refused is remembered as refused, so a client repeating it costs one TokenReview; 0 disables")
 	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "most token checks remembered (accepted, and refused, each)")
 	fs.IntVar(&o.reviewConcurrency, "token-review-concurrency", 32, "TokenReviews in flight at most; more wait, shared fairly between client addresses")
-	fs.Float32Var(&o.reviewQPS, "token-review-qps", 500, "TokenReviews per second at most, sustained (client-side; the API server's Priority and Fairness also applies)")
-	fs.IntVar(&o.reviewBurst, "token-review-burst", 1000, "TokenReviews allowed at once above --token-review-qps")
+	fs.Float32Var(&o.reviewQPS, "token-review-qps", 1000, "TokenReviews per second at most, sustained (client-side; the API server's Priority and Fairness also applies)")
+	fs.IntVar(&o.reviewBurst, "token-review-burst", 2000, "TokenReviews allowed at once above --token-review-qps")
 	fs.Float32Var(&o.kubeQPS, "kube-api-qps", 50, "requests per second to the API server for everything but TokenReviews (watches, probes, ConfigMaps, the CA Secret, leases)")
 	fs.IntVar(&o.kubeBurst, "kube-api-burst", 100, "requests allowed at once above --kube-api-qps")
 
