@@ -158,7 +158,14 @@ func TestDeployManifests(t *testing.T) {
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "list"}, false},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "meshid-ledger", Verb: "get"}, false},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "secrets", Verb: "get"}, false},
-		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "pods", Verb: "list"}, false},
+		// Offline token checks watch pods and service accounts; nothing
+		// more of them: not get, not exec, not minting tokens.
+		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "pods", Verb: "watch"}, true},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "serviceaccounts", Verb: "list"}, true},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "pods", Verb: "get"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "pods", Subresource: "exec", Verb: "create"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "serviceaccounts", Subresource: "token", Verb: "create"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "pods", Verb: "delete"}, false},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Verb: "delete"}, false},
 		{"meshid-agent", authorizationv1.ResourceAttributes{Group: "authentication.k8s.io", Resource: "tokenreviews", Verb: "create"}, true},
 		{"meshid-agent", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "meshid-ca", Verb: "get"}, false},
