@@ -153,7 +153,8 @@ func (t *trackedWatch) Stop() {
 func (o *Objects) probe(ctx context.Context, c rest.Interface, metrics *Metrics, log *slog.Logger) {
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
-	wasFresh := false
+	wasFresh, warned := false, false
+	start := o.now()
 	for {
 		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
 		_, err := c.Get().AbsPath("/readyz").DoRaw(pctx)
@@ -165,12 +166,17 @@ func (o *Objects) probe(ctx context.Context, c rest.Interface, metrics *Metrics,
 		}
 		fresh := o.Fresh()
 		metrics.setOffline(fresh)
-		if fresh != wasFresh && log != nil {
-			if fresh {
-				log.Info("tokens are verified offline: the cluster's pods and service accounts are watched and the API server answers")
-			} else {
-				log.Warn("tokens go to TokenReview: the API server does not answer or a watch is down", "probe_error", err)
-			}
+		switch {
+		case log == nil:
+		case fresh && !wasFresh:
+			log.Info("tokens are verified offline: the cluster's pods and service accounts are watched and the API server answers")
+		case !fresh && wasFresh:
+			log.Warn("tokens go to TokenReview: "+o.notFresh(), "probe_error", err)
+		case !fresh && !warned && o.now().Sub(start) > time.Minute:
+			// Never fresh since the start: most likely RBAC.
+			log.Warn("tokens still go to TokenReview a minute after start: "+o.notFresh()+
+				"; meshid-ca's service account needs list and watch on pods and serviceaccounts", "probe_error", err)
+			warned = true
 		}
 		wasFresh = fresh
 		select {
@@ -189,6 +195,17 @@ func (o *Objects) Fresh() bool {
 	return last != 0 && o.now().Sub(time.Unix(0, last)) < staleAfter &&
 		o.watching[0].Load() && o.watching[1].Load() &&
 		o.pods.HasSynced() && o.sas.HasSynced()
+}
+
+// notFresh says why Fresh is false.
+func (o *Objects) notFresh() string {
+	switch {
+	case !o.pods.HasSynced() || !o.sas.HasSynced():
+		return "pods or service accounts not listed yet"
+	case !o.watching[0].Load() || !o.watching[1].Load():
+		return "a watch of pods or service accounts is down"
+	}
+	return "the API server does not answer /readyz"
 }
 
 // Synced says whether the first lists of pods and service accounts arrived.

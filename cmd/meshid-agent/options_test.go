@@ -40,6 +40,8 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--mode=node", "--auth=jwks"}, "--auth=jwks needs --jwks-file and --token-issuer"},
 		{[]string{"--mode=node", "--auth=oidc"}, `--auth must be tokenreview or jwks, not "oidc"`},
 		{[]string{"--mode=node", "--sds-socket="}, "node mode serves nothing"},
+		{[]string{"--mode=node", "--token-review-concurrency=0"}, "--token-review-concurrency"},
+		{[]string{"--mode=node", "--kube-api-qps=0"}, "--kube-api-qps must be positive"},
 		{[]string{"--namespace=a", "--service-account=b", "--key-type=ed25519"}, "--key-type"},
 		{[]string{"--namespace=a", "--service-account=b", "--cert-ttl=0s"}, "--cert-ttl must be at least 1s"},
 		{[]string{"--namespace=a", "--service-account=b", "--rotation-jitter=0.6"}, "--rotation-jitter"},
