@@ -13,7 +13,8 @@ import (
 // user only; 0660 to share with the proxy's group). Its directory is made
 // with mode 0750 if missing. A stale socket left by a previous run is
 // replaced; any other file at path is an error, never removed. Accepted
-// connections carry the peer's process as their remote address ("pid:N").
+// connections carry the peer's process as their remote address ("pid:N"),
+// or their own number ("conn:N") when the kernel cannot name the process.
 func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("sds: %w", err)
@@ -37,5 +38,5 @@ func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 		l.Close()
 		return nil, fmt.Errorf("sds: %w", err)
 	}
-	return peerListener{l}, nil
+	return newPeerListener(l), nil
 }
