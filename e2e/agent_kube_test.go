@@ -6,19 +6,13 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/kubetest"
-	"github.com/meshid/meshid/sds"
 )
 
 // TestAgentNodeModeKube: proxies' tokens from TokenRequest, checked by the
@@ -44,34 +38,14 @@ func TestAgentNodeModeKube(t *testing.T) {
 	client := secretv3.NewSecretDiscoveryServiceClient(conn)
 
 	fetch := func(token string) (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+		deadline := time.Now().Add(20 * time.Second)
 		for {
-			stream, err := client.StreamSecrets(ctx, grpc.WaitForReady(true))
-			if err != nil {
-				return "", err
-			}
-			if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType}); err != nil {
-				return "", err
-			}
-			resp, err := stream.Recv()
-			if status.Code(err) == codes.Unavailable && ctx.Err() == nil {
+			id, err := firstSecret(context.Background(), client, token)
+			if status.Code(err) == codes.Unavailable && time.Now().Before(deadline) {
 				time.Sleep(100 * time.Millisecond) // retry interval: the agent is still starting
 				continue
 			}
-			if err != nil {
-				return "", err
-			}
-			var sec tlsv3.Secret
-			if err := resp.Resources[0].UnmarshalTo(&sec); err != nil {
-				return "", err
-			}
-			certs, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
-			if err != nil {
-				return "", err
-			}
-			return certs[0].URIs[0].String(), nil
+			return id, err
 		}
 	}
 	for _, tc := range []struct{ ns, sa string }{{"shop", "web"}, {"billing", "api"}} {

@@ -171,6 +171,19 @@ func jwksAuth(t testing.TB, is *satoken.Issuer, now time.Time) *k8sauth.JWKS {
 	return &k8sauth.JWKS{Issuer: is.URL, Audiences: []string{"istio-ca"}, Keys: ks, Now: func() time.Time { return now }}
 }
 
+// mintToken has is sign base as changed by edit (nil: unchanged).
+func mintToken(t testing.TB, is *satoken.Issuer, base satoken.Claims, edit func(*satoken.Claims)) string {
+	t.Helper()
+	if edit != nil {
+		edit(&base)
+	}
+	tok, err := is.Token(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
 // editPayload replaces old with new in a token's base64url payload.
 func editPayload(t *testing.T, payload, old, new string) string {
 	t.Helper()
@@ -187,17 +200,7 @@ func TestJWKS(t *testing.T) {
 	now := time.Now().Truncate(time.Second)
 	auth := jwksAuth(t, is, now)
 	base := satoken.Claims{Namespace: "demo", ServiceAccount: "web", PodName: "web-1", PodUID: "uid-1", Audiences: []string{"istio-ca"}, Now: now}
-	mint := func(is *satoken.Issuer, edit func(*satoken.Claims)) string {
-		c := base
-		if edit != nil {
-			edit(&c)
-		}
-		tok, err := is.Token(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tok
-	}
+	mint := func(is *satoken.Issuer, edit func(*satoken.Claims)) string { return mintToken(t, is, base, edit) }
 	good := mint(is, nil)
 	parts := strings.Split(good, ".")
 	for _, tc := range []struct {

@@ -71,17 +71,7 @@ func TestKubernetes(t *testing.T) {
 		}
 	}
 	base := satoken.Claims{Namespace: "demo", ServiceAccount: "web", ServiceAccountUID: saUID, PodName: "web-1", PodUID: "pod-uid-1", Audiences: []string{"istio-ca"}, Now: now}
-	mint := func(is *satoken.Issuer, edit func(*satoken.Claims)) string {
-		c := base
-		if edit != nil {
-			edit(&c)
-		}
-		tok, err := is.Token(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tok
-	}
+	mint := func(is *satoken.Issuer, edit func(*satoken.Claims)) string { return mintToken(t, is, base, edit) }
 	good := mint(is, nil)
 	parts := strings.Split(good, ".")
 
