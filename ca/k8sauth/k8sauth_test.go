@@ -158,7 +158,8 @@ func newIssuer(t testing.TB) *satoken.Issuer {
 	return is
 }
 
-func jwksAuth(t testing.TB, is *satoken.Issuer, now time.Time) *k8sauth.JWKS {
+// issuerKeys is is's JWKS, loaded from a file.
+func issuerKeys(t testing.TB, is *satoken.Issuer) *k8sauth.KeySet {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "jwks.json")
 	if err := os.WriteFile(path, is.JWKS(), 0o644); err != nil {
@@ -168,6 +169,12 @@ func jwksAuth(t testing.TB, is *satoken.Issuer, now time.Time) *k8sauth.JWKS {
 	if err := ks.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	return ks
+}
+
+func jwksAuth(t testing.TB, is *satoken.Issuer, now time.Time) *k8sauth.JWKS {
+	t.Helper()
+	ks := issuerKeys(t, is)
 	return &k8sauth.JWKS{Issuer: is.URL, Audiences: []string{"istio-ca"}, Keys: ks, Now: func() time.Time { return now }}
 }
 

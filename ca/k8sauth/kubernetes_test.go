@@ -37,14 +37,7 @@ const saUID = "sa-uid-1"
 // review that counts its calls and accepts.
 func kubernetesAuth(t *testing.T, is *satoken.Issuer, objs k8sauth.ObjectSource, now time.Time) (*k8sauth.Kubernetes, *countingAuth) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "jwks.json")
-	if err := os.WriteFile(path, is.JWKS(), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ks := k8sauth.NewFileKeySet(path)
-	if err := ks.Load(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	ks := issuerKeys(t, is)
 	review := &countingAuth{caller: k8sauth.Caller{Namespace: "demo", ServiceAccount: "web", Method: k8sauth.MethodTokenReview}}
 	return &k8sauth.Kubernetes{
 		Audiences: []string{"istio-ca"},
