@@ -231,38 +231,62 @@ func TestPluginWatchReloadsAndKeepsGoodCA(t *testing.T) {
 	}
 	var src keys.Source
 	src.Set(is)
-	results := make(chan error, 16)
+	// Each result comes with the CA current when the watcher reported it.
+	// Reading the CA when the test gets round to a result would be wrong:
+	// the channel is buffered, and by then a later reload may have
+	// succeeded.
+	type outcome struct {
+		err     error
+		current *x509.Certificate
+	}
+	results := make(chan outcome, 16)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go p.Watch(ctx, &src, 10*time.Millisecond, discardLogger(), func(err error) { results <- err })
+	go p.Watch(ctx, &src, 10*time.Millisecond, discardLogger(), func(err error) {
+		results <- outcome{err, src.Issuer().Certificate()}
+	})
+	next := func() outcome {
+		t.Helper()
+		select {
+		case o := <-results:
+			return o
+		case <-time.After(10 * time.Second):
+			t.Fatal("the watcher did not try to reload within 10s")
+			return outcome{}
+		}
+	}
 
 	// A key that does not match: refused, the first CA keeps signing. The
 	// watcher may also see the file half written: refused too, never loaded.
 	other := generate(t, keys.ECDSAP256)
 	os.WriteFile(filepath.Join(dir, keys.CAKeyFile), files(t, other)[keys.CAKeyFile], 0o600)
 	for {
-		err := next(t, results)
-		if err == nil {
+		o := next()
+		if o.err == nil {
 			t.Fatal("a CA whose key does not match its certificate was loaded")
 		}
-		if strings.Contains(err.Error(), "does not match") {
+		if !o.current.Equal(first.CACert) {
+			t.Fatal("a bad reload replaced the CA")
+		}
+		if strings.Contains(o.err.Error(), "does not match") {
 			break
 		}
-	}
-	if !src.Issuer().Certificate().Equal(first.CACert) {
-		t.Fatal("a bad reload replaced the CA")
 	}
 
 	// A whole new CA, its files written one by one: the mixes seen on the
 	// way are refused, and the complete new CA is picked up.
 	writePlugin(t, dir, other)
-	for next(t, results) != nil {
-		if !src.Issuer().Certificate().Equal(first.CACert) {
+	for {
+		o := next()
+		if o.err == nil {
+			if !o.current.Equal(other.CACert) {
+				t.Fatal("the new CA is not current after a reload that succeeded")
+			}
+			break
+		}
+		if !o.current.Equal(first.CACert) {
 			t.Fatal("a failed reload replaced the CA")
 		}
-	}
-	if !src.Issuer().Certificate().Equal(other.CACert) {
-		t.Fatal("the new CA is not current")
 	}
 }
 
@@ -306,14 +330,3 @@ func TestSecretConcurrentStartsConverge(t *testing.T) {
 	}
 }
 
-// next waits for the watcher's next reload result.
-func next(t *testing.T, results <-chan error) error {
-	t.Helper()
-	select {
-	case err := <-results:
-		return err
-	case <-time.After(10 * time.Second):
-		t.Fatal("the watcher did not try to reload within 10s")
-		return nil
-	}
-}
