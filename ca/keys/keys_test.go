@@ -329,4 +329,3 @@ func TestSecretConcurrentStartsConverge(t *testing.T) {
 		}
 	}
 }
-
