@@ -493,3 +493,11 @@ func FuzzDecodeChain(f *testing.F) {
 		}
 	})
 }
+
+// Usage errors of every kind exit 2, as the README documents: a command
+// that does not exist, a missing argument, a bad flag.
+func TestUsageErrorsExit2(t *testing.T) {
+	runCLI(t, nil, "bogus").want(t, exitUsage, `unknown command "bogus"`)
+	runCLI(t, nil, "deny").want(t, exitUsage, "want 1 argument")
+	runCLI(t, nil, "certs", "--no-such-flag").want(t, exitUsage, "unknown flag: --no-such-flag")
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -62,6 +63,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	err := root.Execute()
+	if err != nil && strings.HasPrefix(err.Error(), "unknown command ") {
+		// Cobra's own error for a command that does not exist.
+		err = &exitError{code: exitUsage, err: err}
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "meshidctl:", err)
 	}
@@ -93,5 +98,22 @@ identity off (deny) or lets it back (allow).`,
 		newInspectCommand(), newSecretsCommand(),
 		newRootRotationCommand(),
 	)
+	argsAreUsage(root)
 	return root
+}
+
+// argsAreUsage makes the argument checks of cmd and its subcommands
+// (cobra.ExactArgs and the like) usage errors, exit 2, like bad flags.
+func argsAreUsage(cmd *cobra.Command) {
+	if check := cmd.Args; check != nil {
+		cmd.Args = func(c *cobra.Command, args []string) error {
+			if err := check(c, args); err != nil {
+				return &exitError{code: exitUsage, err: err}
+			}
+			return nil
+		}
+	}
+	for _, sub := range cmd.Commands() {
+		argsAreUsage(sub)
+	}
 }
