@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -41,7 +42,7 @@ type options struct {
 
 	sdsSocket         string
 	workloadAPISocket string
-	socketMode        uint32
+	socketMode        octalMode
 	outputDir         string
 	httpAddr          string
 
@@ -81,7 +82,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.tokenFile, "token-file", "./var/run/secrets/tokens/istio-token", "projected service-account token (audience istio-ca), read again for every request")
 	fs.StringVar(&o.sdsSocket, "sds-socket", "./var/run/secrets/workload-spiffe-uds/socket", "Unix socket for Envoy SDS and the SPIFFE Workload API (where Istio's proxy looks for an SDS server); empty disables")
 	fs.StringVar(&o.workloadAPISocket, "workload-api-socket", "", "separate Unix socket for the SPIFFE Workload API (default: served on --sds-socket)")
-	fs.Uint32Var(&o.socketMode, "socket-mode", 0o660, "permissions of the sockets (0600: this user only; 0660: also the proxy's group)")
+	o.socketMode = 0o660
+	fs.Var(&o.socketMode, "socket-mode", "permissions of the sockets, in octal (0600: this user only; 0660: also the proxy's group)")
 	fs.StringVar(&o.outputDir, "output-dir", "", "also write cert-chain.pem, key.pem and root-cert.pem here, rewritten on rotation; empty disables")
 	fs.StringVar(&o.httpAddr, "http-addr", "127.0.0.1:15019", "address of /healthz, /readyz and /metrics")
 	fs.StringVar(&o.keyType, "key-type", string(agent.ECDSAP256), "workload key type: ecdsa-p256 or rsa-2048")
@@ -169,4 +171,20 @@ func (o *options) complete() error {
 		bad("--log-level: %v", err)
 	}
 	return errors.Join(errs...)
+}
+
+// octalMode is a file mode flag written and read in octal, as chmod takes
+// it (a plain integer flag would show 0660 as 432).
+type octalMode uint32
+
+func (m *octalMode) String() string { return fmt.Sprintf("%#o", uint32(*m)) }
+func (m *octalMode) Type() string   { return "mode" }
+
+func (m *octalMode) Set(s string) error {
+	v, err := strconv.ParseUint(s, 8, 32)
+	if err != nil {
+		return fmt.Errorf("%q is not an octal mode such as 0660", s)
+	}
+	*m = octalMode(v)
+	return nil
 }
