@@ -13,6 +13,11 @@
 #
 # Progress goes to stderr; stdout carries only the DSN:
 #   postgres://meshid:meshid@127.0.0.1:<port>/postgres?sslmode=disable
+#
+# When it starts a cluster that was not running and MESHID_POSTGRES_STARTED
+# names a file, it writes "<version> <cluster>" there, so the caller can stop
+# what it started (hack/test.sh does); a cluster that was already running is
+# left alone. The package, once installed, stays.
 set -euo pipefail
 
 role=meshid
@@ -63,6 +68,9 @@ read -r version name port status _ <<<"$cluster"
 if [[ $status != online* ]]; then
 	log "starting cluster $version/$name (port $port, was $status)"
 	as_root pg_ctlcluster "$version" "$name" start >&2
+	if [[ -n ${MESHID_POSTGRES_STARTED:-} ]]; then
+		echo "$version $name" >"$MESHID_POSTGRES_STARTED"
+	fi
 fi
 
 for ((i = 0; ; i++)); do

@@ -16,6 +16,21 @@ KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 MESHID_PILOT_AGENT_DIR=$(hack/pilot-agent.sh)
 export KUBEBUILDER_ASSETS MESHID_PILOT_AGENT_DIR
 echo "== PostgreSQL for the ledger tests (hack/postgres.sh)" >&2
+# Stopped again at the end if this run started it; left running if it was.
+MESHID_POSTGRES_STARTED=$(mktemp)
+export MESHID_POSTGRES_STARTED
+stop_postgres() {
+	if read -r version name <"$MESHID_POSTGRES_STARTED" 2>/dev/null && [[ -n ${name:-} ]]; then
+		echo "== stopping the PostgreSQL cluster $version/$name this run started" >&2
+		if [[ $(id -u) -eq 0 ]]; then
+			pg_ctlcluster "$version" "$name" stop || true
+		else
+			sudo -n pg_ctlcluster "$version" "$name" stop || true
+		fi
+	fi
+	rm -f "$MESHID_POSTGRES_STARTED"
+}
+trap stop_postgres EXIT
 MESHID_TEST_POSTGRES_DSN=$(hack/postgres.sh)
 export MESHID_TEST_POSTGRES_DSN
 export MESHID_REQUIRE_KUBE=1 MESHID_REQUIRE_ISTIO=1 MESHID_REQUIRE_POSTGRES=1
