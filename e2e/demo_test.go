@@ -15,14 +15,18 @@ import (
 func TestDemo(t *testing.T) {
 	dir := t.TempDir()
 	run := func() string {
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 		defer cancel()
 		// A relative --dir, as the README's command uses (.meshid-demo).
 		cmd := exec.CommandContext(ctx, filepath.Join(binDir, "meshid-demo"), "--dir", ".meshid-demo",
 			fmt.Sprintf("--grpc-addr=127.0.0.1:%d", freeTCPPort(t)),
 			fmt.Sprintf("--http-addr=127.0.0.1:%d", freeTCPPort(t)),
 			fmt.Sprintf("--admin-addr=127.0.0.1:%d", freeTCPPort(t)),
-			"--cert-ttl=2s", "--duration=4s")
+			// Certificates of 4 s rotate every 2 s or so: two rotations
+			// each in 6 s, and 2 s of slack for a renewal on a loaded
+			// machine (with 2 s ones an agent starved for a second
+			// served a lapsed certificate).
+			"--cert-ttl=4s", "--duration=6s")
 		cmd.Dir = dir
 		out, err := cmd.CombinedOutput()
 		if err != nil {

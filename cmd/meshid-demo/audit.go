@@ -89,3 +89,26 @@ func (m *mesh) waitRefusedRenewal(ctx context.Context) error {
 	}
 	return errors.New("the agent's renewal of demo/web was not refused after the deny")
 }
+
+// wait keeps the demo's processes running until ctx ends (Ctrl-C), and
+// shows how to ask them with meshidctl from another terminal.
+func (m *mesh) wait(ctx context.Context, socket string) {
+	rel := func(p string) string {
+		if wd, err := os.Getwd(); err == nil {
+			if r, err := filepath.Rel(wd, p); err == nil && !strings.HasPrefix(r, "..") {
+				return r
+			}
+		}
+		return p
+	}
+	ctl := rel(filepath.Join(m.binDir, "meshidctl"))
+	conn := fmt.Sprintf("--server %s --ca-file %s --token-file %s", m.adminAddr, rel(m.rootFile), rel(filepath.Join(m.dir, "meshidctl.token")))
+	step("meshid-ca and meshid-agent keep running (--stay); Ctrl-C stops them. From another terminal:")
+	info("%s identities -n demo %s", ctl, conn)
+	info("%s certs -n demo --limit 5 %s", ctl, conn)
+	info("%s check --agent-socket %s --agent-token-file %s %s", ctl, rel(socket), rel(filepath.Join(m.dir, "api.token")), conn)
+	info("%s secrets --socket %s --token-file %s", ctl, rel(socket), rel(filepath.Join(m.dir, "api.token")))
+	info("%s inspect --bundle %s %s", ctl, rel(m.rootFile), rel(filepath.Join(m.dir, "web-cert-chain.pem")))
+	info("the meshidctl and api tokens are valid for an hour (meshidctl authenticates as %s)", adminSA)
+	<-ctx.Done()
+}

@@ -43,10 +43,11 @@ func main() {
 	caBinary := flag.String("ca-binary", "", "meshid-ca binary (default: next to this one; meshid-agent is looked for beside it)")
 	certTTL := flag.Duration("cert-ttl", 6*time.Second, "lifetime of the workloads' certificates, short so that rotations show")
 	duration := flag.Duration("duration", 20*time.Second, "how long the two workloads talk before the demo shows refusals and stops")
+	stay := flag.Bool("stay", false, "after the demo, keep meshid-ca and meshid-agent running until Ctrl-C, to try meshidctl against them")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *adminAddr, *caBinary, *certTTL, *duration); err != nil {
+	if err := run(ctx, *dir, *grpcAddr, *httpAddr, *adminAddr, *caBinary, *certTTL, *duration, *stay); err != nil {
 		fmt.Fprintln(os.Stderr, "meshid-demo:", err)
 		os.Exit(1)
 	}
@@ -55,7 +56,7 @@ func main() {
 func step(format string, args ...any) { fmt.Printf("\n▶ "+format+"\n", args...) }
 func info(format string, args ...any) { fmt.Printf("  "+format+"\n", args...) }
 
-func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary string, certTTL, duration time.Duration) error {
+func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary string, certTTL, duration time.Duration, stay bool) error {
 	if caBinary == "" {
 		self, err := os.Executable()
 		if err != nil {
@@ -113,7 +114,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 		info("stopped; its log is in %s", logPath)
 	}()
 	if err := waitReady(ctx, "http://"+httpAddr+"/readyz", exited); err != nil {
-		return fmt.Errorf("%w; see %s", err, logPath)
+		return fmt.Errorf("%w; the end of its log (%s):\n%s", err, logPath, tail(logPath, 20))
 	}
 	rootPEM, err := os.ReadFile(filepath.Join(stateDir, "ca", "root-cert.pem"))
 	if err != nil {
@@ -192,7 +193,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 	info("issued until %s, %s from now", chain[0].NotAfter.Local().Format(time.DateTime), time.Until(chain[0].NotAfter).Round(time.Minute))
 
 	m := &mesh{dir: dir, binDir: filepath.Dir(caBinary), caAddr: grpcAddr, adminAddr: adminAddr, rootFile: filepath.Join(stateDir, "ca", "root-cert.pem"),
-		jwksPath: jwksPath, issuer: issuer, certTTL: certTTL, duration: duration}
+		jwksPath: jwksPath, issuer: issuer, certTTL: certTTL, duration: duration, stay: stay}
 	return m.run(ctx)
 }
 
@@ -217,10 +218,20 @@ func refused(err error) error {
 	return nil
 }
 
+// tail is the last n lines of the file at path.
+func tail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
 func waitReady(ctx context.Context, url string, exited <-chan error) error {
 	deadline := time.After(30 * time.Second)
+	// A probe that hangs (something else on the port that never answers)
+	// must not outlast the deadline.
+	client := &http.Client{Timeout: 2 * time.Second}
 	for {
-		resp, err := http.Get(url)
+		resp, err := client.Get(url)
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {

@@ -41,6 +41,7 @@ type mesh struct {
 	adminAddr                               string
 	issuer                                  *satoken.Issuer
 	certTTL, duration                       time.Duration
+	stay                                    bool // keep meshid-ca and meshid-agent running until Ctrl-C
 }
 
 var (
@@ -133,20 +134,29 @@ func (m *mesh) run(ctx context.Context) error {
 			if err := m.refusals(lis.Addr().String(), socket, token); err != nil {
 				return err
 			}
-			return m.audit(ctx, socket, token)
+			if err := m.audit(ctx, socket, token); err != nil {
+				return err
+			}
+			if m.stay {
+				m.wait(ctx, socket)
+			}
+			return nil
 		case <-tick.C:
 		}
 		if err := ping(long); err != nil {
 			return fmt.Errorf("the long-lived connection broke: %w", err)
 		}
 		conn, err := tls.Dial("tcp", lis.Addr().String(), webConfig)
-		if err != nil {
-			return fmt.Errorf("a new connection failed: %w", err)
+		if err == nil {
+			err = ping(conn)
+			conn.Close()
 		}
-		err = ping(conn)
-		conn.Close()
 		if err != nil {
-			return fmt.Errorf("a new connection failed: %w", err)
+			// Say whether a certificate had lapsed: with certificates of
+			// seconds, an agent starved of CPU for about half a lifetime
+			// renews too late.
+			return fmt.Errorf("a new connection failed at %s (web's certificate valid until %s, api's until %s; see %s): %w",
+				time.Now().Format(time.StampMilli), notAfterOf(web), api.notAfter(), logPath, err)
 		}
 		w, a := serialOf(web), api.serial()
 		msg := "ok: long-lived connection alive, new connection verified"
@@ -194,6 +204,14 @@ func (m *mesh) refusals(addr, socket string, token func(string) string) error {
 	}
 	info("refused: %v", err)
 	return nil
+}
+
+func notAfterOf(src *workloadapi.X509Source) string {
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return "none"
+	}
+	return svid.Certificates[0].NotAfter.Format(time.StampMilli)
 }
 
 func serialOf(src *workloadapi.X509Source) string {
@@ -319,6 +337,12 @@ func (w *sdsWorkload) update(sec *tlsv3.Secret) {
 			w.roots = roots
 		}
 	}
+}
+
+func (w *sdsWorkload) notAfter() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.cert.Leaf.NotAfter.Format(time.StampMilli)
 }
 
 func (w *sdsWorkload) serial() string {
