@@ -12,7 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Defaults from DESIGN.md.
+// Defaults from docs/design.md.
 const (
 	DefaultTTL      = time.Hour
 	DefaultMaxTTL   = 24 * time.Hour

@@ -20,7 +20,7 @@ import (
 )
 
 // recordNothing is the baseline of BenchmarkIssuanceLedger: the same server
-// with no ledger write. Never used outside benchmarks (DESIGN rule 6).
+// with no ledger write. Never used outside benchmarks (docs/design.md, rule 6).
 type recordNothing struct{}
 
 func (recordNothing) Record(context.Context, ledger.Record) error { return nil }

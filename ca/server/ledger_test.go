@@ -74,7 +74,7 @@ func TestDeniedIdentityGetsNothing(t *testing.T) {
 }
 
 // TestLedgerDownNothingReturned: when the certificate cannot be recorded
-// the caller gets Unavailable and no certificate (DESIGN rule 6).
+// the caller gets Unavailable and no certificate (docs/design.md, rule 6).
 func TestLedgerDownNothingReturned(t *testing.T) {
 	e := newEnv(t, envOptions{})
 	e.ledger.Close()
