@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -94,6 +95,15 @@ func VerifyCA(peer []*x509.Certificate, roots []*x509.Certificate, serverName st
 		DNSName:       serverName,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
+	var wrongName x509.HostnameError
+	if errors.As(err, &wrongName) {
+		names := slices.Clone(peer[0].DNSNames)
+		for _, ip := range peer[0].IPAddresses {
+			names = append(names, ip.String())
+		}
+		return fmt.Errorf("agent: the CA's certificate is not for %q; it names %s: dial one of those, or set the name to verify (meshid-agent --ca-server-name, Istio's agent: the CA_ADDR host): %w",
+			serverName, strings.Join(names, ", "), err)
+	}
 	if err != nil {
 		return fmt.Errorf("agent: CA's certificate does not verify against the %d trusted roots: %w", len(roots), err)
 	}

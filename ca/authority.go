@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"net/url"
 	"time"
 
@@ -132,13 +133,26 @@ func (a *Authority) Issue(req Request) (*Certificate, error) {
 	})
 }
 
-// IssueServing signs a TLS server certificate for the CA's own endpoints.
-func (a *Authority) IssueServing(pub crypto.PublicKey, dnsNames []string, ttl time.Duration) (*Certificate, error) {
-	if len(dnsNames) == 0 {
+// IssueServing signs a TLS server certificate for the CA's own endpoints,
+// for names: DNS names, and IP addresses as IP SANs.
+func (a *Authority) IssueServing(pub crypto.PublicKey, names []string, ttl time.Duration) (*Certificate, error) {
+	if len(names) == 0 {
 		return nil, fmt.Errorf("%w: serving certificate needs DNS names", ErrInvalidRequest)
+	}
+	var dnsNames []string
+	var ips []net.IP
+	for _, n := range names {
+		// An IP address goes in as one, so that a client dialing
+		// 127.0.0.1 verifies the name it dialed.
+		if ip := net.ParseIP(n); ip != nil {
+			ips = append(ips, ip)
+			continue
+		}
+		dnsNames = append(dnsNames, n)
 	}
 	tmpl := &x509.Certificate{
 		DNSNames:              dnsNames,
+		IPAddresses:           ips,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		BasicConstraintsValid: true,

@@ -58,8 +58,8 @@ func checkWorkloadLeaf(leaf *x509.Certificate, id spiffeid.ID) error {
 
 func checkServingLeaf(leaf *x509.Certificate) error {
 	switch {
-	case len(leaf.DNSNames) == 0:
-		return badCert("serving certificate has no DNS name")
+	case len(leaf.DNSNames) == 0 && len(leaf.IPAddresses) == 0:
+		return badCert("serving certificate has no DNS name or IP address")
 	case !hasExtKeyUsage(leaf, x509.ExtKeyUsageServerAuth):
 		return badCert("serving certificate must allow serverAuth")
 	}

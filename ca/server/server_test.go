@@ -147,7 +147,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	// The serving certificate needs an issuer even when the test has none
 	// loaded for signing workloads.
 	servingAuthority, _ := ca.New(ca.Config{Issuers: fixedIssuer{is}})
-	serving := &ServingCertificate{Authority: servingAuthority, Issuers: fixedIssuer{is}, DNSNames: []string{"localhost", "istiod.istio-system.svc"}}
+	serving := &ServingCertificate{Authority: servingAuthority, Issuers: fixedIssuer{is}, DNSNames: []string{"localhost", "istiod.istio-system.svc", "127.0.0.1", "::1"}}
 	srv, hs := NewGRPCServer(svc, TLSConfig(serving), 0)
 	SetServing(hs, true)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -536,4 +536,40 @@ func TestServingCertificate(t *testing.T) {
 	if c3 == c1 || string(c3.Leaf.AuthorityKeyId) != string(m2.CACert.SubjectKeyId) {
 		t.Error("serving certificate not renewed under the new CA")
 	}
+}
+
+// A client on the same machine may dial the CA by address: 127.0.0.1 is
+// verified against the serving certificate's IP SANs, no name mapping
+// needed; a name the certificate does not carry is refused with the names
+// it does.
+func TestServingCertificateLoopbackAddress(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	_, port, _ := net.SplitHostPort(e.addr)
+	roots := func() []*x509.Certificate { return []*x509.Certificate{e.material.RootCert} }
+	conn, err := agent.DialCA(net.JoinHostPort("127.0.0.1", port), roots, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := pb.NewIstioCertificateServiceClient(conn).CreateCertificate(callCtx(t, e.token(t, "demo", "web")),
+		&pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)}); err != nil {
+		t.Fatalf("dialing 127.0.0.1: %v", err)
+	}
+
+	wrong, err := agent.DialCA(e.addr, roots, "ca.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wrong.Close()
+	_, err = pb.NewIstioCertificateServiceClient(wrong).CreateCertificate(callCtx(t, e.token(t, "demo", "web")),
+		&pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)})
+	if err == nil || !strings.Contains(err.Error(), "ca.example.com") || !strings.Contains(err.Error(), "it names localhost, istiod.istio-system.svc, 127.0.0.1, ::1: dial one of those") {
+		t.Errorf("a name the certificate lacks: %v, want the names it carries", err)
+	}
+}
+
+func callCtx(t *testing.T, token string) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }

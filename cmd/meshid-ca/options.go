@@ -114,7 +114,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.grpcAddr, "grpc-addr", ":15012", "address of the gRPC certificate service")
 	fs.StringVar(&o.httpAddr, "http-addr", ":15014", "address of /healthz, /readyz and /metrics")
 	fs.BoolVar(&o.plaintext, "plaintext", false, "serve gRPC without TLS (tokens then cross the network in clear; only for tests behind a trusted proxy)")
-	fs.StringSliceVar(&o.dnsNames, "serving-dns-names", nil, "DNS names of the CA's own TLS certificate (default: meshid-ca and its Service names in --namespace, istiod.istio-system.svc, localhost)")
+	fs.StringSliceVar(&o.dnsNames, "serving-dns-names", nil, "DNS names (and IP addresses) of the CA's own TLS certificate (default: meshid-ca and its Service names in --namespace, istiod.istio-system.svc, localhost, 127.0.0.1, ::1)")
 	fs.DurationVar(&o.servingTTL, "serving-cert-ttl", server.DefaultServingTTL, "lifetime of the CA's own TLS certificate; renewed at half")
 
 	fs.StringVar(&o.caSource, "ca-source", sourceDir, "where the CA key lives: dir (state directory), secret (Kubernetes Secret) or plugin (Istio cacerts files)")
@@ -205,6 +205,10 @@ func (o *options) complete() error {
 			"istiod.istio-system.svc",
 			"istiod.istio-system.svc.cluster.local",
 			"localhost",
+			// For clients on the same machine that dial an address, not a
+			// name (Istio's agent with CA_ADDR=127.0.0.1:15012, say).
+			"127.0.0.1",
+			"::1",
 		}
 	}
 	if o.servingTTL < time.Minute {
