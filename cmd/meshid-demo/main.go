@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -82,6 +83,16 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 	}
 	stateDir := filepath.Join(dir, "ca-state")
 
+	// Another process on these ports (an earlier demo, a meshid-ca of your
+	// own) would answer in this one's place.
+	for _, a := range []struct{ flag, addr string }{{"--grpc-addr", grpcAddr}, {"--http-addr", httpAddr}, {"--admin-addr", adminAddr}} {
+		l, err := net.Listen("tcp", a.addr)
+		if err != nil {
+			return fmt.Errorf("%s is not free (%v): is a meshid-ca or an earlier demo still running? Stop it, or pick other ports with %s", a.addr, err, a.flag)
+		}
+		l.Close()
+	}
+
 	step("starting meshid-ca on its embedded default")
 	info("state directory %s, tokens checked offline against %s, gRPC+TLS on %s", stateDir, jwksPath, grpcAddr)
 	logPath := filepath.Join(dir, "meshid-ca.log")
@@ -96,6 +107,7 @@ func run(ctx context.Context, dir, grpcAddr, httpAddr, adminAddr, caBinary strin
 		"--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--log-format=text",
 		"--admin-addr="+adminAddr, "--admin-service-accounts="+adminSA, "--bundle-endpoint-addr=127.0.0.1:0")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	diesWithUs(cmd)
 	started := time.Now()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w (build it with: make build)", caBinary, err)

@@ -66,6 +66,7 @@ func (m *mesh) run(ctx context.Context) error {
 		"--sds-socket="+socket, "--socket-mode=0600", "--http-addr=127.0.0.1:0",
 		"--cert-ttl="+m.certTTL.String(), "--log-format=text")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	diesWithUs(cmd)
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting meshid-agent: %w", err)
 	}
