@@ -159,7 +159,7 @@ func checkRotation(ctx context.Context, r *checkReport, client adminpb.AdminClie
 		r.add("meshid-ca", "root rotation", checkWarn, "cannot read: %v", status.Convert(err).Message())
 		return
 	case rot.GetStage() == "none":
-		r.add("meshid-ca", "root rotation", checkOK, "none under way")
+		r.add("meshid-ca", "root rotation", checkOK, "no root rotation under way")
 		return
 	}
 	var waiting []string
