@@ -15,6 +15,9 @@ import (
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(1 << 20),
+		// A stream's token is at most 16 KiB; grpc-go would take 16 MiB
+		// of headers.
+		grpc.MaxHeaderListSize(64 << 10),
 		grpc.ReadBufferSize(4 << 10),
 		grpc.WriteBufferSize(4 << 10),
 		grpc.SharedWriteBuffer(true),

@@ -36,6 +36,7 @@ func NewGRPCServer(s *Server, issuers ca.IssuerSource, getCertificate func(*tls.
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(cfg)),
 		grpc.MaxRecvMsgSize(64<<10),
+		grpc.MaxHeaderListSize(64<<10),
 		grpc.UnaryInterceptor(s.Interceptor),
 	)
 	s.Register(g)

@@ -54,6 +54,16 @@ func Parse(data []byte) (*x509.CertificateRequest, error) {
 	if err := checkKey(req.PublicKey); err != nil {
 		return nil, err
 	}
+	// crypto/x509 still accepts SHA-1 (and MD5) on requests, though not on
+	// certificates: refuse it here, so a proof of possession is as strong
+	// as what is signed with it.
+	switch req.SignatureAlgorithm {
+	case x509.SHA256WithRSA, x509.SHA384WithRSA, x509.SHA512WithRSA,
+		x509.SHA256WithRSAPSS, x509.SHA384WithRSAPSS, x509.SHA512WithRSAPSS,
+		x509.ECDSAWithSHA256, x509.ECDSAWithSHA384, x509.ECDSAWithSHA512:
+	default:
+		return nil, invalid("signature must use SHA-256 or stronger, not " + req.SignatureAlgorithm.String())
+	}
 	if err := req.CheckSignature(); err != nil {
 		return nil, invalid("bad signature")
 	}

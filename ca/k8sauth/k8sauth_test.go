@@ -138,14 +138,18 @@ func TestTokenReview(t *testing.T) {
 	}
 }
 
-func TestTokenReviewEmptyToken(t *testing.T) {
+// Tokens that cannot be valid are never sent: empty, or larger than any
+// projected token.
+func TestTokenReviewEmptyOrHugeToken(t *testing.T) {
 	client, specs := reviewClient(goodStatus(), nil)
 	r := &k8sauth.TokenReview{Client: client.AuthenticationV1(), Audiences: []string{"istio-ca"}}
-	if _, err := r.Authenticate(context.Background(), ""); !errors.Is(err, k8sauth.ErrUnauthenticated) {
-		t.Errorf("err = %v", err)
+	for _, tok := range []string{"", strings.Repeat("a", k8sauth.MaxTokenBytes+1)} {
+		if _, err := r.Authenticate(context.Background(), tok); !errors.Is(err, k8sauth.ErrUnauthenticated) {
+			t.Errorf("token of %d bytes: err = %v", len(tok), err)
+		}
 	}
 	if len(*specs) != 0 {
-		t.Error("an empty token was sent for review")
+		t.Errorf("%d tokens were sent for review", len(*specs))
 	}
 }
 

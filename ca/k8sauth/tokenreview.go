@@ -35,6 +35,10 @@ func (r *TokenReview) Authenticate(ctx context.Context, token string) (Caller, e
 	if token == "" {
 		return Caller{}, refused("no_token", "")
 	}
+	if len(token) > MaxTokenBytes {
+		// Never sent: no projected token is this large.
+		return Caller{}, refused("malformed", "token too large")
+	}
 	review, err := r.Client.TokenReviews().Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: r.Audiences},
 	}, metav1.CreateOptions{})

@@ -18,6 +18,10 @@ const streamWorkers = 64
 // DefaultMaxMessageBytes bounds a gRPC request. A CSR is under 2 KiB.
 const DefaultMaxMessageBytes = 64 << 10
 
+// MaxHeaderListBytes bounds the metadata of one request (the admin API and
+// the agent's sockets have the same bound).
+const MaxHeaderListBytes = 64 << 10
+
 // NewGRPCServer serves svc and the gRPC health service. With tlsConfig nil
 // it serves plaintext. The health service reports NOT_SERVING until the
 // caller calls SetServingStatus.
@@ -27,6 +31,9 @@ func NewGRPCServer(svc *CertificateService, tlsConfig *tls.Config, maxMessageByt
 	}
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(maxMessageBytes),
+		// A request carries a token of at most 16 KiB and a few short
+		// headers; grpc-go would take 16 MiB of them.
+		grpc.MaxHeaderListSize(MaxHeaderListBytes),
 		grpc.MaxConcurrentStreams(1024),
 		// Reused handler goroutines keep the stacks the signing path has
 		// grown, instead of growing a fresh one for every request. Streams

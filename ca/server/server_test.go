@@ -573,3 +573,23 @@ func callCtx(t *testing.T, token string) context.Context {
 	t.Cleanup(cancel)
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }
+
+// Metadata is bounded: a request with more than MaxHeaderListBytes of
+// headers is refused before it reaches the service (grpc-go would take
+// 16 MiB), and nothing is issued.
+func TestHeaderListBounded(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	ctx := callCtx(t, e.token(t, "demo", "web"))
+	ctx = metadata.AppendToOutgoingContext(ctx, "x-padding", strings.Repeat("a", MaxHeaderListBytes))
+	_, err := e.client.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)})
+	if err == nil {
+		t.Fatal("a request with 64 KiB of headers was served")
+	}
+	if e.issued() != 0 {
+		t.Error("issued on an oversized request")
+	}
+	// The connection still serves requests of a sane size.
+	if _, err := e.call(e.token(t, "demo", "web"), &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)}); err != nil {
+		t.Fatalf("a normal request after the oversized one: %v", err)
+	}
+}
