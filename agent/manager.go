@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/ca"
 )
@@ -246,9 +248,10 @@ func ParseKeyType(s string) (KeyType, error) {
 }
 
 // Acquire returns a handle on id's certificate, starting to fetch it if no
-// one holds id yet. tokens proves id to the CA; the latest tokens given for
-// an identity are used for its next requests. Release the handle when done:
-// an identity no one holds is forgotten.
+// one holds id yet. tokens proves id to the CA for as long as this handle
+// is held: requests use the newest live holder's token, and the next one's
+// when the CA refuses it (a holder's pod deleted, its token dead). Release
+// the handle when done: an identity no one holds is forgotten.
 func (m *Manager) Acquire(id spiffeid.ID, tokens TokenSource) *Handle {
 	return m.AcquireUntil(id, tokens, time.Time{})
 }
@@ -262,11 +265,20 @@ func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Ti
 	e := m.entries[id]
 	if e != nil {
 		e.refs++
-		e.setTokens(tokens)
-		return &Handle{e: e, until: until}
+		h := &Handle{e: e, until: until, tokens: tokens}
+		e.mu.Lock()
+		e.holders = append(e.holders, h)
+		failing := e.lastErr != nil
+		e.mu.Unlock()
+		if failing {
+			e.now() // a new holder's token may be what was missing
+		}
+		return h
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
-	e = &entry{m: m, id: id, ctx: ctx, refs: 1, tokens: tokens, watch: newWatchers(), cancel: cancel}
+	e = &entry{m: m, id: id, ctx: ctx, refs: 1, watch: newWatchers(), cancel: cancel}
+	h := &Handle{e: e, until: until, tokens: tokens}
+	e.holders = []*Handle{h}
 	m.entries[id] = e
 	e.mu.Lock()
 	e.timer = time.AfterFunc(time.Duration(math.MaxInt64), e.tick) // assigned before it can fire
@@ -275,7 +287,7 @@ func (m *Manager) AcquireUntil(id spiffeid.ID, tokens TokenSource, until time.Ti
 	if m.closed {
 		e.halt() // a closed manager fetches nothing
 	}
-	return &Handle{e: e, until: until}
+	return h
 }
 
 // Renew asks for a new certificate for id now, if it is held (after a root
@@ -312,9 +324,13 @@ func (m *Manager) Close() {
 	m.wg.Wait()
 }
 
-func (m *Manager) release(e *entry) {
+func (m *Manager) release(h *Handle) {
+	e := h.e
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	e.mu.Lock()
+	e.holders = slices.DeleteFunc(e.holders, func(x *Handle) bool { return x == h })
+	e.mu.Unlock()
 	e.refs--
 	if e.refs == 0 {
 		delete(m.entries, e.id)
@@ -327,9 +343,10 @@ func (m *Manager) release(e *entry) {
 
 // Handle is one holder's view of an identity's certificate.
 type Handle struct {
-	e     *entry
-	until time.Time
-	once  sync.Once
+	e      *entry
+	until  time.Time
+	tokens TokenSource // guarded by e.mu
+	once   sync.Once
 }
 
 // Until is when this holder's right to the identity ends; zero: no end.
@@ -383,11 +400,20 @@ func (h *Handle) Wait(ctx context.Context) (*SVID, error) {
 	}
 }
 
-// SetTokens replaces the token source used for the identity's next requests.
-func (h *Handle) SetTokens(tokens TokenSource) { h.e.setTokens(tokens) }
+// SetTokens replaces this holder's token source.
+func (h *Handle) SetTokens(tokens TokenSource) {
+	e := h.e
+	e.mu.Lock()
+	h.tokens = tokens
+	failing := e.lastErr != nil
+	e.mu.Unlock()
+	if failing {
+		e.now() // a new token may be what was missing
+	}
+}
 
 // Release gives the handle up; calling it more than once is harmless.
-func (h *Handle) Release() { h.once.Do(func() { h.e.m.release(h.e) }) }
+func (h *Handle) Release() { h.once.Do(func() { h.e.m.release(h) }) }
 
 // entry is one identity's certificate and its renewal. It holds no
 // goroutine between requests: timers call tick when a request is due and
@@ -400,8 +426,8 @@ type entry struct {
 	cancel context.CancelFunc
 
 	mu      sync.Mutex
-	refs    int // guarded by m.mu
-	tokens  TokenSource
+	refs    int       // guarded by m.mu
+	holders []*Handle // oldest first
 	svid    *SVID
 	watch   watchers
 	lastErr error
@@ -423,16 +449,6 @@ func (e *entry) lastError() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.lastErr
-}
-
-func (e *entry) setTokens(t TokenSource) {
-	e.mu.Lock()
-	e.tokens = t
-	failing := e.lastErr != nil
-	e.mu.Unlock()
-	if failing {
-		e.now() // a new token may be what was missing
-	}
 }
 
 // now requests a certificate at once (after one in flight, if any).
@@ -543,15 +559,15 @@ func (e *entry) drop(svid *SVID) {
 	e.notify()
 }
 
-// fetch makes a key and a CSR and asks the CA.
+// fetch makes a key and a CSR and asks the CA with the newest live
+// holder's token; when the CA refuses a token (Unauthenticated: the pod it
+// was bound to is gone, say), with the next holder's, so one departed pod
+// cannot starve the renewals of the others that share its identity.
 func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 	cfg := &e.m.cfg
-	e.mu.Lock()
-	tokens := e.tokens
-	e.mu.Unlock()
-	token, err := tokens.Token()
-	if err != nil {
-		return nil, err
+	tokens := e.liveTokens(time.Now())
+	if len(tokens) == 0 {
+		return nil, errors.New("agent: no live holder has a token")
 	}
 	key, err := NewKey(cfg.KeyType)
 	if err != nil {
@@ -563,11 +579,39 @@ func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
 	defer cancel()
-	chain, err := cfg.Signer.Sign(ctx, csrPEM, token, cfg.TTL)
-	if err != nil {
-		return nil, fmt.Errorf("agent: CA refused or failed: %w", err)
+	var lastErr error
+	for _, src := range tokens {
+		token, err := src.Token()
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		chain, err := cfg.Signer.Sign(ctx, csrPEM, token, cfg.TTL)
+		if status.Code(err) == codes.Unauthenticated {
+			lastErr = fmt.Errorf("agent: CA refused or failed: %w", err)
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("agent: CA refused or failed: %w", err)
+		}
+		return e.m.shared.svid(e.id, key, chain)
 	}
-	return e.m.shared.svid(e.id, key, chain)
+	return nil, lastErr
+}
+
+// liveTokens are the token sources of the holders whose right to the
+// identity has not ended, newest first.
+func (e *entry) liveTokens(now time.Time) []TokenSource {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []TokenSource
+	for i := len(e.holders) - 1; i >= 0; i-- {
+		h := e.holders[i]
+		if h.until.IsZero() || now.Before(h.until) {
+			out = append(out, h.tokens)
+		}
+	}
+	return out
 }
 
 // svid checks the CA's answer and makes it an SVID sharing the CA's

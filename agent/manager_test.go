@@ -5,8 +5,10 @@ import (
 	"crypto"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"log/slog"
 	"slices"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -301,4 +303,62 @@ func checkSVIDEncodings(t *testing.T, svid *SVID, key crypto.Signer, chain []*x5
 	if _, err := tls.X509KeyPair(svid.ChainPEM(), svid.KeyPEM()); err != nil {
 		t.Errorf("ChainPEM and KeyPEM do not make a key pair: %v", err)
 	}
+}
+
+// Pods A and B share an identity on one node (node mode). B connects last,
+// then B's pod is deleted: its pod-bound token is refused from then on.
+// Renewals must go on with a token of a live holder, A's, whether B's
+// stream is still open or gone; and a holder that comes and goes (a unary
+// FetchSecrets) must not leave its token behind.
+func TestManagerRenewsWithALiveHoldersToken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := catest.New(t)
+		var mu sync.Mutex
+		dead := map[string]bool{}
+		var used []string
+		c.Identify = func(tok string) (spiffeid.ID, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			used = append(used, tok)
+			if dead[tok] {
+				return spiffeid.ID{}, errors.New("the token's pod is gone")
+			}
+			return web, nil
+		}
+		m := newManager(t, c)
+		renewed := func(h *Handle) {
+			t.Helper()
+			changed := h.Changed()
+			m.Renew(web)
+			select {
+			case <-changed:
+			case <-time.After(time.Minute):
+				t.Fatalf("no renewal within a minute; tokens tried: %v", used)
+			}
+		}
+		a := m.Acquire(web, StaticToken("token-a"))
+		defer a.Release()
+		if _, err := a.Wait(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		b := m.Acquire(web, StaticToken("token-b"))
+		mu.Lock()
+		dead["token-b"] = true
+		mu.Unlock()
+		renewed(a) // B's stream still open: its token first, then A's
+		b.Release()
+		renewed(a) // B gone: A's token only
+
+		f := m.Acquire(web, StaticToken("token-fetch")) // a unary fetch comes and goes
+		f.Release()
+		mu.Lock()
+		dead["token-fetch"] = true
+		mu.Unlock()
+		renewed(a)
+
+		want := []string{"token-a", "token-b", "token-a", "token-a", "token-a"}
+		if !slices.Equal(used, want) {
+			t.Errorf("tokens sent to the CA: %v, want %v", used, want)
+		}
+	})
 }
