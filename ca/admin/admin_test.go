@@ -6,8 +6,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net"
@@ -47,13 +49,34 @@ var (
 // ledger, with tokens checked offline against a local issuer.
 type env struct {
 	t         *testing.T
+	material  *keys.Material
 	authority *ca.Authority
 	issuers   *keys.Source
 	roots     *x509.CertPool
 	ledger    *ledger.Ledger
+	issued    *ledger.Ledger
 	denyList  *admin.DenyList
 	tokens    *satoken.Issuer
 	addr      string
+}
+
+// sibling is another CA under this one's root: what a second cluster
+// sharing a plug-in root runs.
+func (e *env) sibling() *ca.Authority {
+	e.t.Helper()
+	other := *e.material
+	if err := other.RenewIntermediate(keys.ECDSAP256, 24*time.Hour, time.Now()); err != nil {
+		e.t.Fatal(err)
+	}
+	is, err := other.Issuer(time.Now())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	a, err := ca.New(ca.Config{Issuers: fixed{is}})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return a
 }
 
 func newEnv(t *testing.T) *env {
@@ -66,7 +89,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, issuers: &keys.Source{}, roots: x509.NewCertPool(), denyList: &admin.DenyList{}}
+	e := &env{t: t, issuers: &keys.Source{}, roots: x509.NewCertPool(), denyList: &admin.DenyList{}, material: m}
 	e.issuers.Set(is)
 	e.roots.AddCert(m.RootCert)
 	if e.authority, err = ca.New(ca.Config{Issuers: e.issuers}); err != nil {
@@ -76,6 +99,10 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.ledger.Close() })
+	if e.issued, err = ledger.Open(context.Background(), ledger.Config{Driver: "sqlite", DSN: filepath.Join(t.TempDir(), "issued.db")}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.issued.Close() })
 	if e.tokens, err = satoken.New("https://issuer.test"); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +114,7 @@ func newEnv(t *testing.T) *env {
 		Ledger: e.ledger, LedgerKind: "sqlite", DenyList: e.denyList, Issuers: e.issuers,
 		Serving:     func() (*x509.Certificate, error) { c, err := serving.Certificate(); return c.Leaf, err },
 		TrustDomain: td, CASource: "dir",
-		Admins: &admin.Admins{IDs: []spiffeid.ID{adminID}, ServiceAccounts: []string{"ops/admin"}, Auth: authn},
+		Admins: &admin.Admins{IDs: []spiffeid.ID{adminID}, Issued: e.issued, ServiceAccounts: []string{"ops/admin"}, Auth: authn},
 		Log:    slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
@@ -125,8 +152,33 @@ func (e *env) client(cert *tls.Certificate, token string) adminpb.AdminClient {
 	return adminpb.NewAdminClient(conn)
 }
 
-// clientCert is a workload certificate for id issued by authority.
+// adminCert is a certificate for id issued by this CA and recorded, as
+// meshid-ca records every certificate (in a ledger of its own here, so the
+// tests of what the admin API reads see only their own records).
+func (e *env) adminCert(id spiffeid.ID) *tls.Certificate {
+	e.t.Helper()
+	tc, c := issue(e.t, e.authority, id)
+	spki := sha256.Sum256(c.Leaf.RawSubjectPublicKeyInfo)
+	seg := strings.Split(id.Path(), "/")
+	if err := e.issued.Record(context.Background(), ledger.Record{
+		Serial: fmt.Sprintf("%x", c.Leaf.SerialNumber), SPIFFEID: id.String(), Namespace: seg[2], ServiceAccount: seg[4],
+		ClusterID: "Kubernetes", PublicKeySHA256: hex.EncodeToString(spki[:]),
+		NotBefore: c.Leaf.NotBefore, NotAfter: c.Leaf.NotAfter, IssuerFingerprint: c.Issuer.Fingerprint(),
+		AuthMethod: "jwks", IssuedAt: time.Now(),
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	return tc
+}
+
+// clientCert is a certificate for id issued by authority, recorded nowhere.
 func clientCert(t *testing.T, authority *ca.Authority, id spiffeid.ID) *tls.Certificate {
+	t.Helper()
+	tc, _ := issue(t, authority, id)
+	return tc
+}
+
+func issue(t *testing.T, authority *ca.Authority, id spiffeid.ID) (*tls.Certificate, *ca.Certificate) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	c, err := authority.Issue(ca.Request{ID: id, PublicKey: key.Public(), TTL: time.Hour})
@@ -137,7 +189,7 @@ func clientCert(t *testing.T, authority *ca.Authority, id spiffeid.ID) *tls.Cert
 	for _, inter := range c.Issuer.Chain()[:len(c.Issuer.Chain())-1] {
 		tc.Certificate = append(tc.Certificate, inter.Raw)
 	}
-	return tc
+	return tc, c
 }
 
 func (e *env) token(ns, sa string) string {
@@ -187,9 +239,16 @@ func TestRefusesNonAdmins(t *testing.T) {
 		{"garbage token", e.client(nil, "not-a-token"), codes.Unauthenticated},
 		{"token of another service account", e.client(nil, e.token("shop", "web")), codes.PermissionDenied},
 		{"token of the admin account from another issuer", e.client(nil, otherToken(t)), codes.Unauthenticated},
-		{"certificate of a non-admin", e.client(clientCert(t, e.authority, webID), ""), codes.PermissionDenied},
-		{"non-admin certificate beside an admin token", e.client(clientCert(t, e.authority, webID), e.token("ops", "admin")), codes.PermissionDenied},
+		{"certificate of a non-admin", e.client(e.adminCert(webID), ""), codes.PermissionDenied},
+		{"non-admin certificate beside an admin token", e.client(e.adminCert(webID), e.token("ops", "admin")), codes.PermissionDenied},
 		{"admin ID from another CA", e.client(clientCert(t, otherAuthority, adminID), ""), codes.Unavailable}, // the handshake fails
+		// One root for several clusters (a shared plug-in root): another
+		// cluster's CA, its own intermediate under our root, issues the
+		// admin ID. The handshake passes; the certificate is not ours.
+		{"admin ID from another CA under the same root", e.client(clientCert(t, e.sibling(), adminID), ""), codes.PermissionDenied},
+		// Our own signing path, but never recorded: not a certificate this
+		// CA handed out.
+		{"admin ID this CA never recorded", e.client(clientCert(t, e.authority, adminID), ""), codes.PermissionDenied},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			calls := map[string]func() error{
@@ -264,7 +323,7 @@ func TestAdminReadsLedger(t *testing.T) {
 	later := e.record(spiffeid.RequireFromPath(td, "/ns/shop/sa/api"), "api-1", now.Add(-time.Minute), now.Add(23*time.Hour))
 
 	for name, c := range map[string]adminpb.AdminClient{
-		"certificate": e.client(clientCert(t, e.authority, adminID), ""),
+		"certificate": e.client(e.adminCert(adminID), ""),
 		"token":       e.client(nil, e.token("ops", "admin")),
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -317,7 +376,7 @@ func TestAdminReadsLedger(t *testing.T) {
 
 func TestDenyAndAllow(t *testing.T) {
 	e := newEnv(t)
-	c := e.client(clientCert(t, e.authority, adminID), "")
+	c := e.client(e.adminCert(adminID), "")
 	for _, bad := range []*adminpb.DenyIdentityRequest{
 		{SpiffeId: webID.String()}, // no reason
 		{SpiffeId: "spiffe://other.domain/ns/shop/sa/web", Reason: "x"},

@@ -46,6 +46,8 @@ func New(cfg Config) (*Server, error) {
 	switch {
 	case cfg.Ledger == nil:
 		return nil, errors.New("admin: config needs a ledger")
+	case cfg.Admins != nil && len(cfg.Admins.IDs) > 0 && cfg.Admins.Issued == nil:
+		return nil, errors.New("admin: admin IDs need Admins.Issued to check their certificates are this CA's")
 	case cfg.DenyList == nil:
 		return nil, errors.New("admin: config needs a deny list")
 	case cfg.Issuers == nil:

@@ -280,7 +280,7 @@ func run(ctx context.Context, o *options) error {
 			Serving:     func() (*x509.Certificate, error) { c, err := serving.Certificate(); return leafOf(c), err },
 			TrustDomain: o.td,
 			CASource:    o.caSource,
-			Admins:      &admin.Admins{IDs: o.admins, ServiceAccounts: o.adminSAs, Auth: authn},
+			Admins:      &admin.Admins{IDs: o.admins, Issued: led, ServiceAccounts: o.adminSAs, Auth: authn},
 			Rotator:     rotator,
 			Log:         log,
 		})
