@@ -450,3 +450,36 @@ func serials(cs []*adminpb.Certificate) string {
 	}
 	return strings.Join(s, ",")
 }
+
+type denialsFunc func(context.Context) ([]ledger.Denial, error)
+
+func (f denialsFunc) Denials(ctx context.Context) ([]ledger.Denial, error) { return f(ctx) }
+
+// A refresh that read the ledger just before a deny committed must not put
+// the old set back over the deny made here.
+func TestDenyListRefreshKeepsADenyMadeMeanwhile(t *testing.T) {
+	led, err := ledger.Open(context.Background(), ledger.Config{Driver: "sqlite", DSN: filepath.Join(t.TempDir(), "ledger.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer led.Close()
+	dl := &admin.DenyList{}
+	x := ledger.Denial{SPIFFEID: webID.String(), Reason: "INC-2", By: "admin", At: time.Now().UTC()}
+	read := denialsFunc(func(ctx context.Context) ([]ledger.Denial, error) {
+		ds, err := led.Denials(ctx)              // the refresh reads: no denial yet
+		if err := led.Deny(ctx, x); err != nil { // meanwhile the deny commits
+			t.Fatal(err)
+		}
+		dl.Deny(x) // and is applied here
+		return ds, err
+	})
+	if err := dl.Load(context.Background(), read); err != nil {
+		t.Fatal(err)
+	}
+	if !dl.Denied(webID.String()) {
+		t.Fatal("a refresh that read the ledger before the deny dropped it")
+	}
+	if err := dl.Load(context.Background(), led); err != nil || !dl.Denied(webID.String()) {
+		t.Fatalf("the next refresh: denied=%v err=%v", dl.Denied(webID.String()), err)
+	}
+}

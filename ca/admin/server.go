@@ -193,7 +193,7 @@ func (s *Server) DenyIdentity(ctx context.Context, req *adminpb.DenyIdentityRequ
 	if err := s.cfg.Ledger.Deny(ctx, d); err != nil {
 		return nil, s.ledgerError("deny", err)
 	}
-	s.cfg.DenyList.add(d)
+	s.cfg.DenyList.Deny(d)
 	s.cfg.Log.Warn("admin: identity denied", "spiffe_id", d.SPIFFEID, "by", d.By, "reason", d.Reason)
 	return denialPB(&d), nil
 }
@@ -207,7 +207,7 @@ func (s *Server) AllowIdentity(ctx context.Context, req *adminpb.AllowIdentityRe
 	if err != nil {
 		return nil, s.ledgerError("allow", err)
 	}
-	s.cfg.DenyList.remove(id.String())
+	s.cfg.DenyList.Allow(id.String())
 	if was {
 		s.cfg.Log.Warn("admin: identity allowed again", "spiffe_id", id.String(), "by", actor(ctx))
 	}

@@ -89,3 +89,53 @@ func TestLedgerDownNothingReturned(t *testing.T) {
 		t.Errorf("%d counted as issued", e.issued())
 	}
 }
+
+// pausingRecorder records through the real ledger, after the test lets it.
+type pausingRecorder struct {
+	Recorder
+	entered, release chan struct{}
+}
+
+func (p *pausingRecorder) Record(ctx context.Context, r ledger.Record) error {
+	p.entered <- struct{}{}
+	<-p.release
+	return p.Recorder.Record(ctx, r)
+}
+
+// TestDenyHoldsForRequestsInFlight: a request that passed the deny check
+// before an administrator denied its identity on this replica is refused
+// too, and the deny does not return while such a request is still on its
+// way to a certificate.
+func TestDenyHoldsForRequestsInFlight(t *testing.T) {
+	rec := &pausingRecorder{entered: make(chan struct{}), release: make(chan struct{})}
+	e := newEnv(t, envOptions{ledger: rec})
+	rec.Recorder = e.ledger
+	reqErr := make(chan error, 1)
+	go func() {
+		_, err := e.call(e.token(t, "demo", "web"), &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)})
+		reqErr <- err
+	}()
+	<-rec.entered // past the deny check, signed, recording
+	denied := make(chan struct{})
+	go func() {
+		e.denied.Deny(ledger.Denial{SPIFFEID: webID.String(), Reason: "INC-3", By: "admin", At: time.Now()})
+		close(denied)
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !e.denied.Denied(webID.String()) {
+		if time.Now().After(deadline) {
+			t.Fatal("the deny was not applied")
+		}
+		time.Sleep(time.Millisecond) // poll interval
+	}
+	select {
+	case <-denied:
+		t.Fatal("the deny returned while a request past its check was still recording")
+	default:
+	}
+	close(rec.release)
+	if err := <-reqErr; status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the request in flight: %v, want PermissionDenied", err)
+	}
+	<-denied
+}

@@ -47,9 +47,13 @@ type Recorder interface {
 }
 
 // DenyList says whether an administrator has cut an identity off;
-// *admin.DenyList is one.
+// *admin.DenyList is one. An issuance holds Guard from its check until it
+// returns, and checks again before it returns a certificate, so that a
+// deny made on this replica holds at once for requests already past the
+// first check.
 type DenyList interface {
 	Denied(spiffeID string) bool
+	Guard() (release func())
 }
 
 // Config wires a [CertificateService].
@@ -162,6 +166,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		log.Warn("request refused", "reason", "impersonation")
 		return nil, status.Error(codes.PermissionDenied, msgImpersonation)
 	}
+	defer s.denyList.Guard()()
 	if s.denyList.Denied(id.String()) {
 		log.Warn("request refused", "reason", "denied")
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
@@ -202,6 +207,11 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 			return nil, status.Error(codes.Unavailable, msgNotRecorded)
 		}
 		return nil, status.Error(codes.Internal, msgNotRecorded)
+	}
+	if s.denyList.Denied(id.String()) {
+		// Denied while it was being signed: recorded, never returned.
+		log.Warn("request refused", "reason", "denied", "serial", serial)
+		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
 	log.Info("certificate issued",
 		"serial", serial,
