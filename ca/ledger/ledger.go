@@ -19,12 +19,12 @@ type Record struct {
 	ServiceAccount    string
 	PodName           string // "" when the token was not bound to a pod
 	PodUID            string
-	ClusterID         string
+	ClusterID         string // as the caller claimed it (Istio's clusterid header); not verified
 	PublicKeySHA256   string // lower-case hex SHA-256 of the leaf's SubjectPublicKeyInfo DER
 	NotBefore         time.Time
 	NotAfter          time.Time
 	IssuerFingerprint string // lower-case hex SHA-256 of the issuing CA certificate's DER
-	AuthMethod        string // "tokenreview" or "jwks"
+	AuthMethod        string // "offline", "tokenreview" or "jwks"
 	IssuedAt          time.Time
 }
 
