@@ -30,13 +30,15 @@ const (
 
 // Certificate is the ledger's record of one issued certificate.
 type Certificate struct {
-	state             protoimpl.MessageState `protogen:"open.v1"`
-	Serial            string                 `protobuf:"bytes,1,opt,name=serial,proto3" json:"serial,omitempty"` // lower-case hex
-	SpiffeId          string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
-	Namespace         string                 `protobuf:"bytes,3,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	ServiceAccount    string                 `protobuf:"bytes,4,opt,name=service_account,json=serviceAccount,proto3" json:"service_account,omitempty"`
-	PodName           string                 `protobuf:"bytes,5,opt,name=pod_name,json=podName,proto3" json:"pod_name,omitempty"`
-	PodUid            string                 `protobuf:"bytes,6,opt,name=pod_uid,json=podUid,proto3" json:"pod_uid,omitempty"`
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Serial         string                 `protobuf:"bytes,1,opt,name=serial,proto3" json:"serial,omitempty"` // lower-case hex
+	SpiffeId       string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Namespace      string                 `protobuf:"bytes,3,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	ServiceAccount string                 `protobuf:"bytes,4,opt,name=service_account,json=serviceAccount,proto3" json:"service_account,omitempty"`
+	PodName        string                 `protobuf:"bytes,5,opt,name=pod_name,json=podName,proto3" json:"pod_name,omitempty"`
+	PodUid         string                 `protobuf:"bytes,6,opt,name=pod_uid,json=podUid,proto3" json:"pod_uid,omitempty"`
+	// As the caller claimed it (Istio's clusterid header); meshid does not
+	// verify it.
 	ClusterId         string                 `protobuf:"bytes,7,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
 	PublicKeySha256   string                 `protobuf:"bytes,8,opt,name=public_key_sha256,json=publicKeySha256,proto3" json:"public_key_sha256,omitempty"` // hex SHA-256 of the SubjectPublicKeyInfo
 	NotBefore         *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
