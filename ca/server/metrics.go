@@ -13,6 +13,7 @@ type Metrics struct {
 	issuance     prometheus.Histogram
 	ledgerWrites prometheus.Histogram
 	reloads      *prometheus.CounterVec
+	rateLimited  *prometheus.CounterVec
 }
 
 // NewMetrics registers the CA's metrics with reg. The expiry gauges read
@@ -37,6 +38,10 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			Help:    "Time to record an issued certificate durably in the ledger (batched commits).",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
+		rateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_rate_limited_total",
+			Help: "Requests refused by a rate limit, by scope: pod (or identity, for tokens bound to no pod), namespace, global.",
+		}, []string{"scope"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_plugin_reloads_total",
 			Help: "Reloads of a plug-in CA after its files changed, by result.",
@@ -55,7 +60,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads,
+	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

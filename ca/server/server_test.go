@@ -89,11 +89,13 @@ func (l *lockedBuffer) String() string {
 }
 
 type envOptions struct {
-	auth      k8sauth.Authenticator // nil: JWKS against env.tokens
-	rateLimit rate.Limit
-	rateBurst int
-	noIssuer  bool
-	ledger    Recorder // nil: a SQLite ledger in a temporary directory
+	auth        k8sauth.Authenticator // nil: JWKS against env.tokens
+	rateLimit   rate.Limit
+	rateBurst   int
+	nsLimit     Limit
+	globalLimit Limit
+	noIssuer    bool
+	ledger      Recorder // nil: a SQLite ledger in a temporary directory
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -137,7 +139,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	}
 	svc, err := NewCertificateService(Config{
 		Authority: authority, Auth: authn, TrustDomain: td,
-		RateLimit: o.rateLimit, RateBurst: o.rateBurst,
+		Limits: Limits{Pod: Limit{Rate: o.rateLimit, Burst: o.rateBurst}, Namespace: o.nsLimit, Global: o.globalLimit},
 		Ledger: rec, DenyList: e.denied,
 		Metrics: e.metrics, Log: slog.New(slog.NewJSONHandler(e.logs, nil)),
 	})
@@ -592,4 +594,63 @@ func TestHeaderListBounded(t *testing.T) {
 	if _, err := e.call(e.token(t, "demo", "web"), &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), nil)}); err != nil {
 		t.Fatalf("a normal request after the oversized one: %v", err)
 	}
+}
+
+// Namespace and CA-wide buckets bound what many pods together can take (a
+// namespace's editor can make pods, each with its own bucket); a request
+// one scope refuses takes nothing from the others.
+func TestCreateCertificateRateLimitScopes(t *testing.T) {
+	podToken := func(e *env, ns, pod string) string {
+		tok, err := e.tokens.Token(satoken.Claims{Namespace: ns, ServiceAccount: "web", PodName: pod, PodUID: ns + "-" + pod, Audiences: []string{"istio-ca"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	reqFor := func(ns string) *pb.IstioCertificateRequest {
+		return &pb.IstioCertificateRequest{Csr: csrFor(t, testKey(), func(r *x509.CertificateRequest) {
+			r.URIs = []*url.URL{spiffeid.RequireFromPath(td, "/ns/"+ns+"/sa/web").URL()}
+		})}
+	}
+	limited := func(err error, msg string) bool {
+		return status.Code(err) == codes.ResourceExhausted && status.Convert(err).Message() == msg
+	}
+
+	t.Run("namespace", func(t *testing.T) {
+		e := newEnv(t, envOptions{rateLimit: rate.Every(time.Hour), rateBurst: 1, nsLimit: Limit{Rate: rate.Every(time.Hour), Burst: 2}})
+		if _, err := e.call(podToken(e, "demo", "a"), reqFor("demo")); err != nil {
+			t.Fatal(err)
+		}
+		// Pod a is over its own bucket: refused, and the namespace's token
+		// it did not use stays for pod b.
+		if _, err := e.call(podToken(e, "demo", "a"), reqFor("demo")); !limited(err, msgRateLimited) {
+			t.Fatalf("pod a again: %v, want its own limit", err)
+		}
+		if _, err := e.call(podToken(e, "demo", "b"), reqFor("demo")); err != nil {
+			t.Fatalf("pod b: %v", err)
+		}
+		if _, err := e.call(podToken(e, "demo", "c"), reqFor("demo")); !limited(err, msgNamespaceLimit) {
+			t.Fatalf("pod c, namespace spent: %v, want the namespace limit", err)
+		}
+		if _, err := e.call(podToken(e, "other", "c"), reqFor("other")); err != nil {
+			t.Fatalf("another namespace: %v", err)
+		}
+		if got := testutil.ToFloat64(e.metrics.rateLimited.WithLabelValues(scopeNamespace)); got != 1 {
+			t.Errorf("meshid_ca_rate_limited_total{scope=namespace} = %v, want 1", got)
+		}
+	})
+	t.Run("global", func(t *testing.T) {
+		e := newEnv(t, envOptions{globalLimit: Limit{Rate: rate.Every(time.Hour), Burst: 2}})
+		for i, ns := range []string{"a", "b"} {
+			if _, err := e.call(podToken(e, ns, "p"), reqFor(ns)); err != nil {
+				t.Fatalf("request %d: %v", i, err)
+			}
+		}
+		if _, err := e.call(podToken(e, "c", "p"), reqFor("c")); !limited(err, msgGlobalLimit) {
+			t.Fatalf("third request, CA-wide bucket spent: %v", err)
+		}
+		if e.issued() != 2 {
+			t.Errorf("%d issued, want 2", e.issued())
+		}
+	})
 }

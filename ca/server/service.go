@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
@@ -32,6 +31,8 @@ const (
 	msgAuthFailed      = "authentication failed"
 	msgAuthUnavailable = "authentication unavailable"
 	msgRateLimited     = "rate limit exceeded for this identity"
+	msgNamespaceLimit  = "rate limit exceeded for this namespace"
+	msgGlobalLimit     = "CA-wide rate limit exceeded"
 	msgNegativeTTL     = "validity_duration must not be negative"
 	msgImpersonation   = "impersonation is not supported"
 	msgNotReady        = "CA not ready"
@@ -61,8 +62,7 @@ type Config struct {
 	Authority   *ca.Authority
 	Auth        k8sauth.Authenticator
 	TrustDomain spiffeid.TrustDomain
-	RateLimit   rate.Limit // certificates per second per pod (per identity for tokens bound to no pod); 0 disables
-	RateBurst   int
+	Limits      Limits
 	// Ledger records every certificate before it is returned; when it
 	// cannot, nothing is returned (Unavailable).
 	Ledger   Recorder
@@ -119,8 +119,8 @@ func NewCertificateService(cfg Config) (*CertificateService, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	if cfg.RateLimit > 0 {
-		s.limiter = newLimiter(cfg.RateLimit, cfg.RateBurst, s.now)
+	if cfg.Limits.Pod.on() || cfg.Limits.Namespace.on() || cfg.Limits.Global.on() {
+		s.limiter = newLimiter(cfg.Limits, s.now)
 	}
 	return s, nil
 }
@@ -171,9 +171,11 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		log.Warn("request refused", "reason", "denied")
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
-	if !s.limiter.allow(limitKey(id, caller)) {
-		log.Warn("request refused", "reason", "rate_limited")
-		return nil, status.Error(codes.ResourceExhausted, msgRateLimited)
+	if ok, scope := s.limiter.allow(limitKey(id, caller), caller.Namespace); !ok {
+		s.metrics.rateLimited.WithLabelValues(scope).Inc()
+		log.Warn("request refused", "reason", "rate_limited", "scope", scope)
+		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
+		return nil, status.Error(codes.ResourceExhausted, msg)
 	}
 	ttl, err := requestedTTL(req.GetValidityDuration())
 	if err != nil {

@@ -70,6 +70,10 @@ type options struct {
 
 	rateLimit       float64
 	rateBurst       int
+	nsRateLimit     float64
+	nsRateBurst     int
+	globalRateLimit float64
+	globalRateBurst int
 	maxMessageBytes int
 	logFormat       string
 	logLevel        string
@@ -160,8 +164,12 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.bundleAddr, "bundle-endpoint-addr", ":8443", "address of the SPIFFE bundle endpoint (HTTPS, SPIFFE authentication) other trust domains federate with; empty disables")
 	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
 	fs.StringVar(&o.podName, "pod-name", "", "this replica's name in leader election (default: the host name, which is the pod's name)")
-	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per identity, sustained; 0 disables")
-	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per identity allowed at once above --rate-limit")
+	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per pod (the one the token is bound to; per identity for tokens bound to no pod), sustained; 0 disables")
+	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per pod allowed at once above --rate-limit")
+	fs.Float64Var(&o.nsRateLimit, "namespace-rate-limit", 100, "certificates per second per namespace, sustained; 0 disables")
+	fs.IntVar(&o.nsRateBurst, "namespace-rate-burst", 20000, "certificates per namespace allowed at once above --namespace-rate-limit (a restart storm of that many pods is served at full speed)")
+	fs.Float64Var(&o.globalRateLimit, "global-rate-limit", 500, "certificates per second for the whole CA, sustained: bounds how fast the ledger grows; 0 disables")
+	fs.IntVar(&o.globalRateBurst, "global-rate-burst", 50000, "certificates allowed at once above --global-rate-limit")
 	fs.IntVar(&o.maxMessageBytes, "max-message-bytes", server.DefaultMaxMessageBytes, "largest gRPC request accepted")
 	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's pprof profiles under /debug/pprof/ on --http-addr")
 	fs.IntVar(&o.gcPercent, "gc-percent", 400, "Go garbage collector target (as GOGC, which overrides it when set); signing allocates much short-lived garbage and the live heap is small, so a higher target trades a little memory for throughput; set GOMEMLIMIT to cap memory")
@@ -268,8 +276,14 @@ func (o *options) complete() error {
 	if o.reviewQPS <= 0 || o.reviewBurst < 1 || o.kubeQPS <= 0 || o.kubeBurst < 1 {
 		bad("--token-review-qps, --kube-api-qps must be positive and --token-review-burst, --kube-api-burst at least 1")
 	}
-	if o.rateLimit < 0 || (o.rateLimit > 0 && o.rateBurst < 1) {
-		bad("--rate-limit must not be negative, and --rate-burst must be at least 1 when limiting")
+	for _, l := range []struct {
+		name  string
+		rate  float64
+		burst int
+	}{{"--rate", o.rateLimit, o.rateBurst}, {"--namespace-rate", o.nsRateLimit, o.nsRateBurst}, {"--global-rate", o.globalRateLimit, o.globalRateBurst}} {
+		if l.rate < 0 || (l.rate > 0 && l.burst < 1) {
+			bad("%s-limit must not be negative, and %s-burst must be at least 1 when limiting", l.name, l.name)
+		}
 	}
 	if o.maxMessageBytes < 4096 {
 		bad("--max-message-bytes must be at least 4096")
@@ -361,7 +375,13 @@ func (o *options) needsKube() bool {
 	return o.caSource == sourceSecret || o.auth != authJWKS
 }
 
-func (o *options) limit() rate.Limit { return rate.Limit(o.rateLimit) }
+func (o *options) limits() server.Limits {
+	return server.Limits{
+		Pod:       server.Limit{Rate: rate.Limit(o.rateLimit), Burst: o.rateBurst},
+		Namespace: server.Limit{Rate: rate.Limit(o.nsRateLimit), Burst: o.nsRateBurst},
+		Global:    server.Limit{Rate: rate.Limit(o.globalRateLimit), Burst: o.globalRateBurst},
+	}
+}
 
 // serveAdmin says whether the admin API is served.
 func (o *options) serveAdmin() bool {
