@@ -126,15 +126,12 @@ func firstSecret(ctx context.Context, client secretv3.SecretDiscoveryServiceClie
 // and the flood costs the API server no TokenReview.
 func TestAgentNodeFlood(t *testing.T) {
 	e := newStormEnv(t)
-	e.cluster.ServiceAccount(t, "meshid-system", "meshid-agent")
+	e.cluster.ServiceAccount(t, "meshid-node", "meshid-agent")
 	a := newApplier(t, e.cluster)
 	for _, obj := range yamlObjects(t, "../deploy/base/agent-rbac.yaml") {
-		if obj.GetKind() == "ServiceAccount" {
-			obj.SetNamespace("meshid-system")
-		}
 		a.apply(t, obj)
 	}
-	agentKubeconfig := e.cluster.KubeconfigFor(t, "meshid-system", "meshid-agent")
+	agentKubeconfig := e.cluster.KubeconfigFor(t, "meshid-node", "meshid-agent")
 	state := t.TempDir()
 	p := startCA(t, e.caArgs("kubernetes", state)...)
 	p.WaitReady(t, 60*time.Second)

@@ -12,12 +12,16 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	appsv1 "k8s.io/api/apps/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
@@ -120,7 +124,7 @@ func TestDeployManifests(t *testing.T) {
 		a.apply(t, o)
 		kinds[o.GetKind()]++
 	}
-	for kind, n := range map[string]int{"Namespace": 1, "Deployment": 1, "DaemonSet": 1, "Service": 1, "PodDisruptionBudget": 1, "ServiceAccount": 3} {
+	for kind, n := range map[string]int{"Namespace": 2, "Deployment": 1, "DaemonSet": 1, "Service": 1, "PodDisruptionBudget": 1, "ServiceAccount": 3, "ValidatingAdmissionPolicy": 1} {
 		if kinds[kind] != n {
 			t.Errorf("deploy/base has %d %s, want %d", kinds[kind], kind, n)
 		}
@@ -153,7 +157,16 @@ func TestDeployManifests(t *testing.T) {
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "meshid-ca", Verb: "update"}, true},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "create"}, true},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Group: "coordination.k8s.io", Resource: "leases", Name: "meshid-ca-leader", Verb: "update"}, true},
-		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Verb: "create"}, true},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Verb: "create"}, true}, // by name: the admission policy
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Name: "istio-ca-root-cert", Verb: "update"}, true},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "configmaps", Name: "istio-ca-root-cert", Verb: "list"}, true},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "configmaps", Name: "istio-ca-root-cert", Verb: "watch"}, true},
+		// Every other ConfigMap in the cluster is out of reach.
+		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "configmaps", Verb: "list"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "kube-system", Resource: "configmaps", Name: "coredns", Verb: "get"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "kube-system", Resource: "configmaps", Name: "coredns", Verb: "update"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "kube-system", Resource: "configmaps", Name: "coredns", Verb: "patch"}, false},
+		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Name: "istio-ca-root-cert", Verb: "patch"}, false},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Resource: "namespaces", Verb: "watch"}, true},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "list"}, false},
 		{"meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "meshid-ledger", Verb: "get"}, false},
@@ -172,9 +185,13 @@ func TestDeployManifests(t *testing.T) {
 		{"meshid-agent", authorizationv1.ResourceAttributes{Namespace: "shop", Resource: "configmaps", Verb: "update"}, false},
 		{"meshid-admin", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "get"}, false},
 	} {
+		ns := map[string]string{"meshid-agent": "meshid-node"}[tc.sa]
+		if ns == "" {
+			ns = "meshid-system"
+		}
 		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
-			User: "system:serviceaccount:meshid-system:" + tc.sa, ResourceAttributes: &tc.attr,
-			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:meshid-system", "system:authenticated"},
+			User: "system:serviceaccount:" + ns + ":" + tc.sa, ResourceAttributes: &tc.attr,
+			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
 		}}
 		got, err := cluster.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, sar, metav1.CreateOptions{})
 		if err != nil {
@@ -183,6 +200,48 @@ func TestDeployManifests(t *testing.T) {
 		if got.Status.Allowed != tc.allowed {
 			t.Errorf("%s may %s %s %s/%s: %v, want %v", tc.sa, tc.attr.Verb, tc.attr.Resource, tc.attr.Namespace, tc.attr.Name, got.Status.Allowed, tc.allowed)
 		}
+	}
+
+	// Pod Security: the CA's pods pass the restricted level of its
+	// namespace; the agent's need the privileged level of its own (its
+	// hostPath), which is why it is not in the CA's.
+	ds, err := cluster.Client.AppsV1().DaemonSets("meshid-node").Get(ctx, "meshid-agent", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dryRunPod := func(ns string, spec corev1.PodTemplateSpec) error {
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: "psa-", Namespace: ns, Labels: spec.Labels}, Spec: spec.Spec}
+		_, err := cluster.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return err
+	}
+	if err := dryRunPod("meshid-system", dep.Spec.Template); err != nil {
+		t.Errorf("meshid-ca's pod in meshid-system: %v", err)
+	}
+	if err := dryRunPod("meshid-node", ds.Spec.Template); err != nil {
+		t.Errorf("meshid-agent's pod in meshid-node: %v", err)
+	}
+	if err := dryRunPod("meshid-system", ds.Spec.Template); err == nil {
+		t.Error("meshid-agent's pod is admitted in meshid-system: the CA's namespace is not restricted")
+	}
+
+	// The admission policy: as meshid-ca, a ConfigMap of another name is
+	// refused everywhere (RBAC cannot limit create by name).
+	caClient, err := kubernetes.NewForConfig(restConfigFor(t, cluster.KubeconfigFor(t, "meshid-system", "meshid-ca")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	planted := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "planted", Namespace: "kube-system"}, Data: map[string]string{"x": "y"}}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := caClient.CoreV1().ConfigMaps("kube-system").Create(ctx, planted, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		if err != nil && strings.Contains(err.Error(), "meshid-ca may write only the istio-ca-root-cert ConfigMap") {
+			break
+		}
+		// The policy takes effect a moment after it is created.
+		if time.Now().After(deadline) {
+			t.Fatalf("meshid-ca may create a ConfigMap named planted in kube-system: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // poll interval
 	}
 
 	// meshid-ca with the Deployment's arguments, as its service account.
@@ -263,6 +322,15 @@ func TestDeployManifests(t *testing.T) {
 }
 
 // checkHardened checks what a platform engineer expects of a CA's pods.
+func restConfigFor(t *testing.T, kubeconfig string) *rest.Config {
+	t.Helper()
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 func checkHardened(t *testing.T, dep *appsv1.Deployment) {
 	t.Helper()
 	spec := dep.Spec.Template.Spec

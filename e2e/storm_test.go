@@ -96,9 +96,6 @@ func newStormEnv(t *testing.T) *stormEnv {
 	cluster.ServiceAccount(t, "meshid-system", "meshid-ca")
 	a := newApplier(t, cluster)
 	for _, obj := range yamlObjects(t, "../deploy/base/ca-rbac.yaml") {
-		if obj.GetKind() == "Role" || obj.GetKind() == "RoleBinding" || obj.GetKind() == "ServiceAccount" {
-			obj.SetNamespace("meshid-system")
-		}
 		a.apply(t, obj)
 	}
 	e.caKubeconfig = cluster.KubeconfigFor(t, "meshid-system", "meshid-ca")
