@@ -38,7 +38,7 @@ type ObjectSource interface {
 // down, and when the API server has not answered a probe for StaleAfter.
 type Objects struct {
 	pods, sas cache.SharedIndexInformer
-	watching  [2]atomic.Bool
+	watching  [2]atomic.Int32 // watches open, per informer
 	lastProbe atomic.Int64 // Unix nanoseconds of the last probe the API server answered
 	now       func() time.Time
 }
@@ -71,7 +71,7 @@ func WatchObjects(ctx context.Context, md metadata.Interface, probe rest.Interfa
 	return o
 }
 
-func (o *Objects) informer(md metadata.Interface, gvr schema.GroupVersionResource, watching *atomic.Bool) cache.SharedIndexInformer {
+func (o *Objects) informer(md metadata.Interface, gvr schema.GroupVersionResource, watching *atomic.Int32) cache.SharedIndexInformer {
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
 			return md.Resource(gvr).List(ctx, opts)
@@ -79,10 +79,8 @@ func (o *Objects) informer(md metadata.Interface, gvr schema.GroupVersionResourc
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
 			w, err := md.Resource(gvr).Watch(ctx, opts)
 			if err != nil {
-				watching.Store(false)
 				return nil, err
 			}
-			watching.Store(true)
 			return trackWatch(w, watching), nil
 		},
 	}
@@ -108,13 +106,16 @@ func trimMetadata(obj any) (any, error) {
 	}, nil
 }
 
-// trackWatch passes w's events on and clears watching when w ends, so a
-// broken watch (an API server that went away) is known at once.
-func trackWatch(w watch.Interface, watching *atomic.Bool) watch.Interface {
+// trackWatch passes w's events on and counts it in open until it ends, so
+// a broken watch (an API server that went away) is known at once. A count,
+// not a flag: the reflector may open the next watch before the goroutine
+// of the one it stopped has finished.
+func trackWatch(w watch.Interface, open *atomic.Int32) watch.Interface {
 	t := &trackedWatch{inner: w, out: make(chan watch.Event), stop: make(chan struct{})}
+	open.Add(1)
 	go func() {
 		defer close(t.out)
-		defer watching.Store(false)
+		defer open.Add(-1)
 		for {
 			select {
 			case ev, ok := <-w.ResultChan():
@@ -193,7 +194,7 @@ func (o *Objects) probe(ctx context.Context, c rest.Interface, metrics *Metrics,
 func (o *Objects) Fresh() bool {
 	last := o.lastProbe.Load()
 	return last != 0 && o.now().Sub(time.Unix(0, last)) < staleAfter &&
-		o.watching[0].Load() && o.watching[1].Load() &&
+		o.watching[0].Load() > 0 && o.watching[1].Load() > 0 &&
 		o.pods.HasSynced() && o.sas.HasSynced()
 }
 
@@ -202,7 +203,7 @@ func (o *Objects) notFresh() string {
 	switch {
 	case !o.pods.HasSynced() || !o.sas.HasSynced():
 		return "pods or service accounts not listed yet"
-	case !o.watching[0].Load() || !o.watching[1].Load():
+	case o.watching[0].Load() == 0 || o.watching[1].Load() == 0:
 		return "a watch of pods or service accounts is down"
 	}
 	return "the API server does not answer /readyz"
