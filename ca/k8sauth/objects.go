@@ -39,7 +39,7 @@ type ObjectSource interface {
 type Objects struct {
 	pods, sas cache.SharedIndexInformer
 	watching  [2]atomic.Int32 // watches open, per informer
-	lastProbe atomic.Int64 // Unix nanoseconds of the last probe the API server answered
+	lastProbe atomic.Int64    // Unix nanoseconds of the last probe the API server answered
 	now       func() time.Time
 }
 
