@@ -75,12 +75,16 @@ func (s *Server) DeltaSecrets(gs grpc.BidiStreamingServer[discoveryv3.DeltaDisco
 			// not sent again until it changes.
 			s.log.Warn("sds: proxy rejected secrets", "node", node, "error", d.GetMessage())
 		}
-		if err := checkNames(req.GetTypeUrl(), req.GetResourceNamesSubscribe()); err != nil {
+		if _, err := checkNames(req.GetTypeUrl(), req.GetResourceNamesSubscribe()); err != nil {
 			return err
 		}
 		st.mu.Lock()
 		for name, v := range req.GetInitialResourceVersions() {
-			has[name] = v
+			// Only what is served: a proxy's list of versions must not
+			// grow the stream's memory with names of its choosing.
+			if name == WorkloadCertName || name == RootCertName {
+				has[name] = v
+			}
 		}
 		for _, name := range req.GetResourceNamesSubscribe() {
 			subs[name] = true

@@ -82,17 +82,32 @@ func (s *Server) OpenStreams() int64 { return s.streams.Load() }
 
 func (s *Server) nonce() string { return strconv.FormatUint(s.nonces.Add(1), 10) }
 
-// checkNames refuses names this server does not serve, and the wrong type.
-func checkNames(typeURL string, names []string) error {
+// checkNames refuses names this server does not serve, and the wrong type,
+// and returns names without repeats: a request naming "default" a hundred
+// thousand times (a megabyte) must not be answered with as many copies of
+// the certificate and key.
+func checkNames(typeURL string, names []string) ([]string, error) {
 	if typeURL != "" && typeURL != SecretType {
-		return status.Errorf(codes.InvalidArgument, "sds: type %q is not served; only %s", typeURL, SecretType)
+		return nil, status.Errorf(codes.InvalidArgument, "sds: type %q is not served; only %s", clip(typeURL), SecretType)
 	}
+	var out []string
 	for _, n := range names {
 		if n != WorkloadCertName && n != RootCertName {
-			return status.Errorf(codes.InvalidArgument, "sds: unknown resource %q: only %q (workload certificate) and %q (trust bundle) are served", n, WorkloadCertName, RootCertName)
+			return nil, status.Errorf(codes.InvalidArgument, "sds: unknown resource %q: only %q (workload certificate) and %q (trust bundle) are served", clip(n), WorkloadCertName, RootCertName)
+		}
+		if !slices.Contains(out, n) {
+			out = append(out, n)
 		}
 	}
-	return nil
+	return out, nil
+}
+
+// clip keeps a client's string short enough to quote back to it.
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 // errTokenExpired ends a stream whose token expired: the proxy reconnects
@@ -368,8 +383,8 @@ func versionOf(rs []resource) string {
 
 // FetchSecrets answers one request with the current secrets.
 func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryRequest) (*discoveryv3.DiscoveryResponse, error) {
-	names := req.GetResourceNames()
-	if err := checkNames(req.GetTypeUrl(), names); err != nil {
+	names, err := checkNames(req.GetTypeUrl(), req.GetResourceNames())
+	if err != nil {
 		return nil, err
 	}
 	var w *agent.Handle
@@ -461,13 +476,13 @@ func (s *Server) StreamSecrets(gs grpc.BidiStreamingServer[discoveryv3.Discovery
 			s.log.Warn("sds: proxy rejected secrets", "node", node, "resources", held, "error", d.GetMessage())
 			return nil
 		}
-		if err := checkNames(req.GetTypeUrl(), req.GetResourceNames()); err != nil {
+		want, err := checkNames(req.GetTypeUrl(), req.GetResourceNames())
+		if err != nil {
 			return err
 		}
-		if req.GetResponseNonce() != "" && slices.Equal(req.GetResourceNames(), held) {
+		if req.GetResponseNonce() != "" && slices.Equal(want, held) {
 			return nil // ACK of what we sent
 		}
-		want := slices.Clone(req.GetResourceNames())
 		if err := st.need(want); err != nil {
 			return err
 		}

@@ -312,6 +312,48 @@ func TestFetchSecrets(t *testing.T) {
 	workloadLeaf(t, secs[0])
 }
 
+// A request that names a resource many times gets it once: a megabyte of
+// "default" must not make the agent build and send the certificate and key
+// a hundred thousand times.
+func TestRepeatedNamesServedOnce(t *testing.T) {
+	f := start(t, time.Hour)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	names := make([]string, 50000)
+	for i := range names {
+		names[i] = []string{sds.WorkloadCertName, sds.RootCertName}[i%2]
+	}
+	// Held, as the agent in pod mode holds its identity, so that the unary
+	// fetch finds a certificate.
+	h := f.manager.Acquire(web, agent.StaticToken(web.String()))
+	defer h.Release()
+	if _, err := h.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := f.client.FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{ResourceNames: names, TypeUrl: sds.SecretType})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(resp.GetResources()); n != 2 {
+		t.Errorf("%d resources for 2 names asked 25,000 times each, want 2", n)
+	}
+
+	stream, err := f.client.StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "sidecar~x"}, ResourceNames: names, TypeUrl: sds.SecretType}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(got.GetResources()); n != 2 {
+		t.Errorf("stream: %d resources for 2 names asked 25,000 times each, want 2", n)
+	}
+}
+
 func TestListen(t *testing.T) {
 	f := start(t, time.Hour)
 	fi, err := os.Stat(f.socket)
