@@ -6,10 +6,7 @@ import (
 	"testing"
 	"time"
 
-	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/internal/kubetest"
@@ -30,12 +27,7 @@ func TestAgentNodeModeKube(t *testing.T) {
 	startAgent(t, "--mode=node", "--auth=tokenreview", "--kubeconfig="+cluster.Kubeconfig,
 		"--ca-addr="+p.GRPCAddr, "--ca-server-name=localhost",
 		"--ca-root-file="+filepath.Join(state, "ca", "root-cert.pem"), "--sds-socket="+socket)
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	client := secretv3.NewSecretDiscoveryServiceClient(conn)
+	client := sdsClient(t, socket)
 
 	fetch := func(token string) (string, error) {
 		deadline := time.Now().Add(20 * time.Second)

@@ -23,16 +23,21 @@ import (
 	"github.com/meshid/meshid/sds"
 )
 
-// metric reads one unlabelled or fully labelled series from /metrics.
-func (a *agentProcess) metric(t *testing.T, series string) float64 {
-	t.Helper()
+// metrics is the agent's /metrics text ("" while it does not answer).
+func (a *agentProcess) metrics() string {
 	resp, err := http.Get("http://" + a.httpAddr + "/metrics")
 	if err != nil {
-		return 0
+		return ""
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(b), "\n") {
+	return string(b)
+}
+
+// metric reads one unlabelled or fully labelled series from /metrics.
+func (a *agentProcess) metric(t *testing.T, series string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(a.metrics(), "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, _ := strconv.ParseFloat(v, 64)
 			return f

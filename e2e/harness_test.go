@@ -71,23 +71,14 @@ func buildAndRun(m *testing.M) int {
 	return m.Run()
 }
 
-// caBinary is the meshid-ca the tests run: this checkout's, or
-// $MESHID_E2E_CA_BIN (an older build, for the before figures of a
-// benchmark such as hack/storm.sh).
-func caBinary() string {
-	if bin := os.Getenv("MESHID_E2E_CA_BIN"); bin != "" {
+// binary is the meshid program name the tests run: this checkout's, or
+// the one $env names (an older build, for the before figures of a benchmark
+// such as hack/storm.sh: MESHID_E2E_CA_BIN, MESHID_E2E_AGENT_BIN).
+func binary(name, env string) string {
+	if bin := os.Getenv(env); bin != "" {
 		return bin
 	}
-	return filepath.Join(binDir, "meshid-ca")
-}
-
-// agentBinary is the meshid-agent the tests run: this checkout's, or
-// $MESHID_E2E_AGENT_BIN, as caBinary.
-func agentBinary() string {
-	if bin := os.Getenv("MESHID_E2E_AGENT_BIN"); bin != "" {
-		return bin
-	}
-	return filepath.Join(binDir, "meshid-agent")
+	return filepath.Join(binDir, name)
 }
 
 // caProcess is a running meshid-ca.
@@ -116,7 +107,7 @@ func startCA(t testing.TB, args ...string) *caProcess {
 func launchCA(t testing.TB, args ...string) *caProcess {
 	t.Helper()
 	args = append([]string{"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0", "--log-format=json", "--log-level=debug"}, args...)
-	cmd := exec.Command(caBinary(), args...)
+	cmd := exec.Command(binary("meshid-ca", "MESHID_E2E_CA_BIN"), args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -334,7 +325,7 @@ type agentProcess struct {
 func startAgent(t *testing.T, args ...string) *agentProcess {
 	t.Helper()
 	a := &agentProcess{httpAddr: fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t)), log: &lockedBuffer{}, exited: make(chan struct{})}
-	a.cmd = exec.Command(agentBinary(), append([]string{"--http-addr=" + a.httpAddr, "--log-format=text"}, args...)...)
+	a.cmd = exec.Command(binary("meshid-agent", "MESHID_E2E_AGENT_BIN"), append([]string{"--http-addr=" + a.httpAddr, "--log-format=text"}, args...)...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)

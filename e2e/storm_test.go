@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -32,6 +31,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -46,6 +46,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/internal/kubetest"
 )
@@ -100,29 +101,24 @@ func newStormEnv(t *testing.T) *stormEnv {
 	}
 	e.caKubeconfig = cluster.KubeconfigFor(t, "meshid-system", "meshid-ca")
 
+	// The cluster's issuer and keys, as meshid-ca discovers them.
 	ctx := context.Background()
-	disc, err := kube.Discovery().RESTClient().Get().AbsPath("/.well-known/openid-configuration").DoRaw(ctx)
+	disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
+	if err := disc.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.issuer = disc.Issuer()
+	set, err := disc.Keys(ctx, "")
+	if err != nil || len(set) == 0 {
+		t.Fatalf("the API server's keys: %v", err)
+	}
+	e.kid = set[0].KeyID
+	jwks, err := json.Marshal(jose.JSONWebKeySet{Keys: set})
 	if err != nil {
-		t.Fatalf("issuer discovery: %v", err)
-	}
-	var oidc struct {
-		Issuer string `json:"issuer"`
-	}
-	if err := json.Unmarshal(disc, &oidc); err != nil || oidc.Issuer == "" {
-		t.Fatalf("issuer discovery: %s: %v", disc, err)
-	}
-	e.issuer = oidc.Issuer
-	jwks, err := kube.Discovery().RESTClient().Get().AbsPath("/openid/v1/jwks").DoRaw(ctx)
-	if err != nil {
-		t.Fatalf("JWKS: %v", err)
+		t.Fatal(err)
 	}
 	e.jwksFile = filepath.Join(e.dir, "jwks.json")
 	mustWrite(t, e.jwksFile, jwks, 0o644)
-	var set jose.JSONWebKeySet
-	if err := json.Unmarshal(jwks, &set); err != nil || len(set.Keys) == 0 {
-		t.Fatalf("JWKS %s: %v", jwks, err)
-	}
-	e.kid = set.Keys[0].KeyID
 	keyPEM, err := os.ReadFile(cluster.ServiceAccountSigningKeyFile())
 	if err != nil {
 		t.Fatal(err)
@@ -254,38 +250,20 @@ func (e *stormEnv) podToken(p stormPod, audience string) (string, error) {
 	return tr.Status.Token, nil
 }
 
-// parallel runs f(0..n-1) on workers goroutines and returns the first error.
+// parallel runs f(0..n-1), workers at a time, and returns the first error.
 func parallel(workers, n int, f func(i int) error) error {
-	var (
-		next  atomic.Int64
-		first atomic.Value
-		wg    sync.WaitGroup
-	)
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n || first.Load() != nil {
-					return
-				}
-				if err := f(i); err != nil {
-					first.CompareAndSwap(nil, err)
-				}
-			}
-		}()
+	var g errgroup.Group
+	g.SetLimit(workers)
+	for i := range n {
+		g.Go(func() error { return f(i) })
 	}
-	wg.Wait()
-	if err, ok := first.Load().(error); ok {
-		return err
-	}
-	return nil
+	return g.Wait()
 }
 
-// caArgs are meshid-ca's flags for a storm in mode ("tokenreview", the
-// default, or "jwks" against the API server's own JWKS and issuer), with
-// every other setting at its default: SQLite ledger on, rate limits on.
+// caArgs are meshid-ca's flags for a storm in mode ("kubernetes", the
+// default; "tokenreview"; or "jwks" against the API server's own JWKS and
+// issuer), with every other setting at its default: SQLite ledger on, rate
+// limits on.
 func (e *stormEnv) caArgs(mode, stateDir string) []string {
 	args := []string{"--ca-source=dir", "--state-dir=" + stateDir, "--log-level=info",
 		"--kubeconfig=" + e.caKubeconfig, "--bundle-configmap="}
@@ -466,10 +444,7 @@ func (e *stormEnv) flood(t *testing.T, ctx context.Context, addr string, roots [
 	if err != nil {
 		t.Fatal(err)
 	}
-	expired := e.forge(t, valid, func(c map[string]any) {
-		now := time.Now().Unix()
-		c["iat"], c["nbf"], c["exp"] = now-7200, now-7200, now-3600
-	})
+	fixed := []string{e.expired(t, valid), wrongAud}
 	sent = new(atomic.Int64)
 	codesSeen = map[string]int{}
 	var mu sync.Mutex
@@ -489,17 +464,7 @@ func (e *stormEnv) flood(t *testing.T, ctx context.Context, addr string, roots [
 				defer cwg.Done()
 				local := map[string]int{}
 				for i := w; ctx.Err() == nil; i += floodStreams {
-					var tok string
-					switch i % 4 {
-					case 0:
-						tok = randomJunk()
-					case 1:
-						tok = expired
-					case 2:
-						tok = wrongAud
-					case 3:
-						tok = forgedSignature(valid, i)
-					}
+					tok := badToken(i, fixed, valid)
 					rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 					rctx = metadata.AppendToOutgoingContext(rctx, "authorization", "Bearer "+tok)
 					_, err := client.CreateCertificate(rctx, &pb.IstioCertificateRequest{Csr: victim.csr, ValidityDuration: 3600})
@@ -520,6 +485,29 @@ func (e *stormEnv) flood(t *testing.T, ctx context.Context, addr string, roots [
 		go func() { cwg.Wait(); conn.Close() }()
 	}
 	return sent, codesSeen, wg.Wait
+}
+
+// badToken is the i-th of a flood's bad tokens, in turn: one of fixed, new
+// junk, or template (a valid token, never sent as is) with a new forged
+// signature.
+func badToken(i int, fixed []string, template string) string {
+	switch n := i % (len(fixed) + 2); {
+	case n < len(fixed):
+		return fixed[n]
+	case n == len(fixed):
+		return randomJunk()
+	}
+	return forgedSignature(template, i)
+}
+
+// expired is valid re-signed with the API server's key an hour past its
+// expiry: only exp (and iat, nbf) tell it from a valid token.
+func (e *stormEnv) expired(t *testing.T, valid string) string {
+	t.Helper()
+	return e.forge(t, valid, func(c map[string]any) {
+		now := time.Now().Unix()
+		c["iat"], c["nbf"], c["exp"] = now-7200, now-7200, now-3600
+	})
 }
 
 // forge re-signs token's claims, changed by edit, with the API server's own
@@ -590,30 +578,38 @@ func (e *stormEnv) tokenReviews(t *testing.T) float64 {
 	return sumMetric(string(raw), "apiserver_request_total", `resource="tokenreviews"`)
 }
 
+// samples calls f with each sample line of a Prometheus text exposition:
+// the series (name and labels) and its value.
+func samples(text string, f func(series string, v float64)) {
+	for _, line := range strings.Split(text, "\n") {
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil && !math.IsNaN(v) {
+			f(line[:i], v)
+		}
+	}
+}
+
 // sumMetric adds the values of name's series whose labels contain every one
 // of match.
 func sumMetric(text, name string, match ...string) float64 {
 	var sum float64
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
+	samples(text, func(series string, v float64) {
+		if series != name && !strings.HasPrefix(series, name+"{") {
+			return
 		}
-		ok := true
 		for _, m := range match {
-			ok = ok && strings.Contains(line, m)
+			if !strings.Contains(series, m) {
+				return
+			}
 		}
-		if !ok {
-			continue
-		}
-		f := strings.Fields(line)
-		v, err := strconv.ParseFloat(f[len(f)-1], 64)
-		if err == nil && !math.IsNaN(v) {
-			sum += v
-		}
-	}
+		sum += v
+	})
 	return sum
 }
 
@@ -664,8 +660,10 @@ func (e *stormEnv) run(t *testing.T, c stormCase) stormResult {
 	}
 	res := stormResult{Name: c.mode, Pods: len(c.pods), SAs: c.sas, Flood: c.flood, CPU: map[string]float64{}}
 	apiPID, etcdPID, caPID := kubetest.ChildPID("kube-apiserver"), kubetest.ChildPID("etcd"), p.cmd.Process.Pid
-	reviews0 := e.tokenReviews(t)
-	cpu0 := map[string]float64{"meshid-ca": cpuSeconds(caPID), "kube-apiserver": cpuSeconds(apiPID), "etcd": cpuSeconds(etcdPID), "load": selfCPU()}
+	cpu := func() map[string]float64 {
+		return map[string]float64{"meshid-ca": cpuSeconds(caPID), "kube-apiserver": cpuSeconds(apiPID), "etcd": cpuSeconds(etcdPID), "load": selfCPU()}
+	}
+	reviews0, cpu0 := e.tokenReviews(t), cpu()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -714,7 +712,7 @@ func (e *stormEnv) run(t *testing.T, c stormCase) stormResult {
 		res.P50, res.P99 = lat[len(lat)/2], lat[min(len(lat)-1, len(lat)*99/100)]
 	}
 	res.Reviews = e.tokenReviews(t) - reviews0
-	cpu1 := map[string]float64{"meshid-ca": cpuSeconds(caPID), "kube-apiserver": cpuSeconds(apiPID), "etcd": cpuSeconds(etcdPID), "load": selfCPU()}
+	cpu1 := cpu()
 	for k := range cpu1 {
 		res.CPU[k] = cpu1[k] - cpu0[k]
 	}
@@ -725,22 +723,12 @@ func (e *stormEnv) run(t *testing.T, c stormCase) stormResult {
 // caStormMetrics picks meshid-ca's own counters that explain a storm.
 func caStormMetrics(text string) map[string]float64 {
 	out := map[string]float64{}
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "meshid_ca_") || strings.Contains(line, "_bucket{") {
-			continue
+	samples(text, func(series string, v float64) {
+		if strings.HasPrefix(series, "meshid_ca_") && !strings.Contains(series, "_bucket{") &&
+			(strings.Contains(series, "_total") || strings.Contains(series, "token")) && v != 0 {
+			out[series] = v
 		}
-		if !strings.Contains(line, "_total") && !strings.Contains(line, "token") {
-			continue
-		}
-		f := strings.Fields(line)
-		v, err := strconv.ParseFloat(f[len(f)-1], 64)
-		if err == nil && v != 0 {
-			out[strings.Join(f[:len(f)-1], " ")] = v
-		}
-	}
+	})
 	return out
 }
 

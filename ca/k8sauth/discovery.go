@@ -61,24 +61,44 @@ func (d *Discovery) Load(ctx context.Context) error {
 	return nil
 }
 
-// Run loads the issuer and keys, and if that fails tries again every
-// retry until it works or ctx ends. Until then every token that passes the
-// checks of its claims goes to a TokenReview.
-func (d *Discovery) Run(ctx context.Context, retry time.Duration, log *slog.Logger) {
-	for {
+// Start loads the issuer and keys, waiting at most startWait so that a
+// process starting while the API server is away is not held up; if that
+// fails it tries again every discoveryRetry in the background until it
+// works or ctx ends. Until then every token that passes the checks of its
+// claims goes to a TokenReview.
+func (d *Discovery) Start(ctx context.Context, log *slog.Logger) {
+	load := func(timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
 		err := d.Load(ctx)
 		if err == nil {
 			log.Info("token issuer and keys discovered from the API server", "issuer", d.Issuer())
-			return
+		} else {
+			log.Warn("token issuer and keys not discovered; every token is sent to TokenReview until they are", "error", err, "retry_in", discoveryRetry)
 		}
-		log.Warn("token issuer and keys not discovered; every token is sent to TokenReview until they are", "error", err, "retry_in", retry)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(retry):
-		}
+		return err
 	}
+	if load(startWait) == nil {
+		return
+	}
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(discoveryRetry):
+			}
+			if load(discoveryRetry) == nil {
+				return
+			}
+		}
+	}()
 }
+
+const (
+	startWait      = 3 * time.Second
+	discoveryRetry = 10 * time.Second
+)
 
 // Issuer is the discovered issuer, "" until discovered.
 func (d *Discovery) Issuer() string {

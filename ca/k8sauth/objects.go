@@ -45,7 +45,9 @@ type Objects struct {
 
 // Probing: /readyz every probeInterval; answers are trusted for staleAfter
 // after the last one the API server gave. A watch that breaks is noticed at
-// once; the probe bounds what a silent network partition can hide.
+// once; the probe bounds what a silent network partition can hide. One slow
+// or failed probe is not the API server gone (a busy one can take more
+// than probeTimeout): only staleAfter without an answer is.
 const (
 	probeInterval = time.Second
 	probeTimeout  = time.Second
@@ -162,8 +164,6 @@ func (o *Objects) probe(ctx context.Context, c rest.Interface, metrics *Metrics,
 		cancel()
 		if err == nil {
 			o.lastProbe.Store(o.now().UnixNano())
-		} else {
-			o.lastProbe.Store(0)
 		}
 		fresh := o.Fresh()
 		metrics.setOffline(fresh)

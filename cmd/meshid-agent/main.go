@@ -265,7 +265,7 @@ func nodeAuthenticator(ctx context.Context, o *options, metrics *k8sauth.Metrics
 			return nil, fmt.Errorf("kubernetes client: %w", err)
 		}
 		disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
-		go disc.Run(ctx, 10*time.Second, log)
+		disc.Start(ctx, log)
 		authn = &k8sauth.Kubernetes{
 			Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Metrics: metrics,
 			Review: &k8sauth.Fair{

@@ -569,14 +569,7 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 			Metrics:     metrics,
 		}
 		disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
-		lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		err = disc.Load(lctx)
-		cancel()
-		if err != nil {
-			go disc.Run(ctx, 10*time.Second, log)
-		} else {
-			log.Info("token issuer and keys discovered from the API server", "issuer", disc.Issuer())
-		}
+		disc.Start(ctx, log)
 		k := &k8sauth.Kubernetes{Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Review: review, Metrics: metrics}
 		if o.auth == authKubernetes {
 			md, err := metadata.NewForConfig(cfg)
