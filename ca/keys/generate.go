@@ -99,6 +99,16 @@ func Generate(opts Options) (*Material, error) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
+	if opts.TrustDomain != "" {
+		// Whoever gets hold of an intermediate under this root, or trusts
+		// it beside other roots (a federated or shared bundle), can vouch
+		// only for this trust domain's SPIFFE IDs. Critical, as RFC 5280
+		// asks: every verifier in a mesh (Go, BoringSSL in Envoy, OpenSSL)
+		// understands it. DNS and IP names are not constrained, so the
+		// CA's own serving certificates still verify.
+		rootTmpl.PermittedURIDomains = []string{opts.TrustDomain}
+		rootTmpl.PermittedDNSDomainsCritical = true
+	}
 	rootDER, err := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, rootKey.Public(), rootKey)
 	if err != nil {
 		return nil, fmt.Errorf("keys: signing root: %w", err)
