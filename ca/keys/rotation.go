@@ -212,6 +212,9 @@ func (m *Material) parseRotation(files map[string][]byte) error {
 		return fmt.Errorf("keys: %s: %w", RotationFile, err)
 	}
 	r := &Rotation{Stage: state.Stage, StartedAt: state.StartedAt, DistributedAt: state.DistributedAt, SwitchedAt: state.SwitchedAt}
+	if err := r.checkTimes(); err != nil {
+		return err
+	}
 	if m.RootKey == nil {
 		return fmt.Errorf("keys: %s: a root rotation needs %s", RotationFile, RootKeyFile)
 	}
@@ -235,6 +238,29 @@ func (m *Material) parseRotation(files map[string][]byte) error {
 		return fmt.Errorf("keys: %s: unknown stage %q", RotationFile, r.Stage)
 	}
 	m.Rotation = r
+	return nil
+}
+
+// checkTimes refuses a stage without the times that gate its next step:
+// the switch waits on how long ago the root was distributed, so a missing
+// or reordered time would let it come early.
+func (r *Rotation) checkTimes() error {
+	need := map[Stage][]struct {
+		name string
+		t    time.Time
+	}{
+		StagePrepared:    {{"started_at", r.StartedAt}},
+		StageDistributed: {{"started_at", r.StartedAt}, {"distributed_at", r.DistributedAt}},
+		StageSwitched:    {{"started_at", r.StartedAt}, {"distributed_at", r.DistributedAt}, {"switched_at", r.SwitchedAt}},
+	}[r.Stage]
+	for i, n := range need {
+		if n.t.IsZero() {
+			return fmt.Errorf("keys: %s says %s but has no %s", RotationFile, r.Stage, n.name)
+		}
+		if i > 0 && n.t.Before(need[i-1].t) {
+			return fmt.Errorf("keys: %s: %s (%s) is before %s (%s)", RotationFile, n.name, n.t.Format(time.RFC3339), need[i-1].name, need[i-1].t.Format(time.RFC3339))
+		}
+	}
 	return nil
 }
 
@@ -264,6 +290,12 @@ func (r *Rotation) parseNext(files map[string][]byte) error {
 	}
 	if !publicKeyEqual(r.NextCAKey.Public(), r.NextCACert.PublicKey) {
 		return fmt.Errorf("keys: %s does not match %s", NextCAKeyFile, NextCACertFile)
+	}
+	if !r.NextRoot.IsCA || r.NextRoot.CheckSignatureFrom(r.NextRoot) != nil {
+		return fmt.Errorf("keys: %s is not a self-signed CA certificate", NextRootCertFile)
+	}
+	if !r.NextCACert.IsCA {
+		return fmt.Errorf("keys: %s is not a CA certificate", NextCACertFile)
 	}
 	if err := r.NextCACert.CheckSignatureFrom(r.NextRoot); err != nil {
 		return fmt.Errorf("keys: %s is not issued by %s: %w", NextCACertFile, NextRootCertFile, err)

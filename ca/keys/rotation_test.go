@@ -158,6 +158,22 @@ func TestRotationFilesInconsistentRefused(t *testing.T) {
 			f[RotationFile] = distributed[RotationFile]
 		},
 		"next files without state": func(f map[string][]byte) { delete(f, RotationFile) },
+		// The switch is gated on how long ago the root was distributed:
+		// a state without that time, or with times out of order, would
+		// let it come at once.
+		"distributed without distributed_at": func(f map[string][]byte) {
+			for k, v := range distributed {
+				f[k] = v
+			}
+			f[RotationFile] = []byte(`{"stage":"distributed","started_at":"2026-01-01T00:00:00Z"}`)
+		},
+		"distributed before started": func(f map[string][]byte) {
+			for k, v := range distributed {
+				f[k] = v
+			}
+			f[RotationFile] = []byte(`{"stage":"distributed","started_at":"2026-01-02T00:00:00Z","distributed_at":"2026-01-01T00:00:00Z"}`)
+		},
+		"prepared without started_at": func(f map[string][]byte) { f[RotationFile] = []byte(`{"stage":"prepared"}`) },
 	} {
 		f := map[string][]byte{}
 		for k, v := range prepared {
