@@ -1,8 +1,10 @@
 package distribute
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -40,4 +42,25 @@ func (b BundleSource) GetBundleForTrustDomain(td spiffeid.TrustDomain) (*spiffeb
 	}
 	bundle.SetRefreshHint(hint)
 	return bundle, nil
+}
+
+// MaxEndpointHeaderBytes bounds a bundle request's headers: a federating
+// client sends a GET line and a few short headers.
+const MaxEndpointHeaderBytes = 8 << 10
+
+// NewEndpointServer is the HTTPS server of a bundle endpoint. The endpoint
+// faces other trust domains, often across the internet, so every phase of
+// a connection is bounded: the TLS handshake and headers (10 s), the
+// answer (10 s), an idle keep-alive connection (60 s), and the headers'
+// size, so slow or idle clients cannot pile up connections and memory.
+func NewEndpointServer(h http.Handler, getCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: getCertificate},
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    MaxEndpointHeaderBytes,
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,12 +47,12 @@ func TestBundleEndpoint(t *testing.T) {
 		t.Fatal(err)
 	}
 	serving := &server.ServingCertificate{Authority: authority, Issuers: src, ID: endpointID}
-	lis, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{GetCertificate: serving.GetCertificate, MinVersion: tls.VersionTLS12})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: handler}
-	go srv.Serve(lis)
+	srv := distribute.NewEndpointServer(handler, serving.GetCertificate)
+	go srv.ServeTLS(lis, "", "")
 	defer srv.Close()
 	url := "https://" + lis.Addr().(*net.TCPAddr).String()
 
@@ -76,6 +77,20 @@ func TestBundleEndpoint(t *testing.T) {
 	rs.set(is.Root(), newRoot(t))
 	if n := fetch(); n != 2 {
 		t.Errorf("after a second root joined: %d roots, want 2", n)
+	}
+
+	// Headers far beyond what a bundle request needs are refused before
+	// the handler runs (Go's default would take a megabyte).
+	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	req.Header.Set("X-Padding", strings.Repeat("a", 64<<10))
+	if resp, err := insecure.Do(req); err != nil {
+		t.Errorf("oversized headers: %v", err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("oversized headers: status %d, want 431", resp.StatusCode)
+		}
 	}
 
 	// Expecting another endpoint ID, the client refuses the server.

@@ -318,8 +318,7 @@ func run(ctx context.Context, o *options) error {
 			return fmt.Errorf("listen %s: %w", o.bundleAddr, err)
 		}
 		bundleAddr = lis.Addr().String()
-		bundleServer := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second,
-			TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: svid.GetCertificate}}
+		bundleServer := distribute.NewEndpointServer(handler, svid.GetCertificate)
 		go func() { errc <- bundleServer.ServeTLS(lis, "", "") }()
 		defer bundleServer.Close()
 	}
