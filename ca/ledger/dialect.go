@@ -160,7 +160,7 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (w, r *sql.D
 	// failing with SQLITE_BUSY when it first writes.
 	// analysis_limit keeps PRAGMA optimize (at Open and Close) quick on a
 	// large ledger.
-	const common = "_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)"
+	const common = "_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)&_pragma=temp_store(MEMORY)"
 	w, err = sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=analysis_limit(1000)&_txlock=immediate")
 	if err != nil {
 		return nil, nil, errorf("sqlite: %w", err)

@@ -24,3 +24,18 @@ func BulkInsert(ctx context.Context, l *Ledger, recs []Record) error {
 
 // SchemaVersion keys the benchmarks' cached database.
 const SchemaVersion = schemaVersion
+
+// MarkBusy makes l behave as under load: its last commit carried n
+// records.
+func MarkBusy(l *Ledger, n int) {
+	l.mu.Lock()
+	l.lastBatch = n
+	l.mu.Unlock()
+}
+
+// Queued is how many records wait for a commit that has not started.
+func Queued(l *Ledger) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.queue)
+}

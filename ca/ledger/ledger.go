@@ -55,7 +55,11 @@ type Config struct {
 	DSN string
 	// MaxBatch bounds how many records one commit carries (default 256).
 	MaxBatch int
-	Log      *slog.Logger // nil: discard
+	// CommitDelay: under load (the last commit carried two records or
+	// more), a commit waits until its first record has waited this long,
+	// so that more share it. 0 means DefaultCommitDelay; negative, never.
+	CommitDelay time.Duration
+	Log         *slog.Logger // nil: discard
 }
 
 // ErrNotFound is returned when the certificate asked for is not recorded.
@@ -67,6 +71,10 @@ var ErrNotFound = errors.New("ledger: not found")
 var ErrUnavailable = errors.New("ledger: unavailable")
 
 const defaultMaxBatch = 256
+
+// DefaultCommitDelay is how long, under load, a commit waits for more
+// records after its first one arrived.
+const DefaultCommitDelay = time.Millisecond
 
 // commitTimeout bounds one group commit. It does not come from any caller's
 // context: one impatient caller must not fail the records of the others.
@@ -83,11 +91,14 @@ type Ledger struct {
 	stmts    stmtCache      // the commit loop's own
 	texts    map[int]string // likewise: statement texts by rows (negative: certificates)
 
-	mu       sync.Mutex
-	cond     *sync.Cond // signalled when queue grows or closed is set
-	queue    []*pending
-	closed   bool
-	loopDone chan struct{}
+	mu        sync.Mutex
+	cond      *sync.Cond // signalled when queue grows or closed is set
+	queue     []*pending
+	lastBatch int // records in the last commit; only next reads and writes it
+	closed    bool
+
+	commitDelay time.Duration
+	loopDone    chan struct{}
 
 	commits atomic.Int64
 	records atomic.Int64
@@ -129,9 +140,12 @@ func Open(ctx context.Context, cfg Config) (*Ledger, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &Ledger{d: d, w: w, r: r, log: log, maxBatch: cfg.MaxBatch, stmts: stmtCache{}, texts: map[int]string{}, loopDone: make(chan struct{})}
+	l := &Ledger{d: d, w: w, r: r, log: log, maxBatch: cfg.MaxBatch, stmts: stmtCache{}, texts: map[int]string{}, loopDone: make(chan struct{}), commitDelay: cfg.CommitDelay}
 	if l.maxBatch == 0 {
 		l.maxBatch = defaultMaxBatch
+	}
+	if l.commitDelay == 0 {
+		l.commitDelay = DefaultCommitDelay
 	}
 	if err := migrate(ctx, d, w, log); err != nil {
 		l.closeDB()

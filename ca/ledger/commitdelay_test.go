@@ -1,0 +1,78 @@
+package ledger_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/meshid/meshid/ca/ledger"
+)
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestCommitDelayIdleCommitsAtOnce: on an idle ledger a lone record does not
+// wait out the commit delay, however long it is.
+func TestCommitDelayIdleCommitsAtOnce(t *testing.T) {
+	db := newSQLite(t)
+	cfg := db.config()
+	cfg.CommitDelay = time.Hour
+	l := db.openWith(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := l.Record(ctx, rec(1)); err != nil {
+		t.Fatalf("a lone record on an idle ledger: %v", err)
+	}
+	if got, err := l.Certificate(ctx, rec(1).Serial); err != nil || got.Serial != rec(1).Serial {
+		t.Fatalf("not stored: %v", err)
+	}
+}
+
+// TestCommitDelayGroupsUnderLoad: under load a commit waits for the records
+// that follow its first, and they share it; Close commits what waits at
+// once rather than after the delay.
+func TestCommitDelayGroupsUnderLoad(t *testing.T) {
+	eachDB(t, func(t *testing.T, db testDB) {
+		cfg := db.config()
+		cfg.CommitDelay = time.Hour
+		l, err := ledger.Open(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		ledger.MarkBusy(l, 2)
+		before := l.Stats()
+		errs := make(chan error, 2)
+		for i, want := range []int{1, 2} {
+			go func() { errs <- l.Record(context.Background(), rec(10+i)) }()
+			waitFor(t, "the record to queue", func() bool { return ledger.Queued(l) == want })
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Errorf("Record: %v", err)
+			}
+		}
+		after := l.Stats()
+		if commits, records := after.Commits-before.Commits, after.Records-before.Records; commits != 1 || records != 2 {
+			t.Errorf("%d commits carried %d records, want 1 carrying 2", commits, records)
+		}
+		l2 := db.open(t)
+		for _, i := range []int{10, 11} {
+			if _, err := l2.Certificate(context.Background(), rec(i).Serial); err != nil {
+				t.Errorf("record %d after Close: %v", i, err)
+			}
+		}
+	})
+}
