@@ -138,6 +138,10 @@ func (l *Ledger) Prune(ctx context.Context, expiredBefore time.Time) (int64, err
 			break
 		}
 	}
+	// Forgotten before and after: an identity written back between the two
+	// is written again by the next record that names it.
+	l.ids.forget()
+	defer l.ids.forget()
 	if _, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM identities WHERE last_issued < ?
 		AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.spiffe_id = identities.spiffe_id)`), cut); err != nil {
 		return total, unavailable(err)

@@ -100,6 +100,8 @@ type Ledger struct {
 	commitDelay time.Duration
 	loopDone    chan struct{}
 
+	ids identityCache // identities the commit loop wrote lately
+
 	commits atomic.Int64
 	records atomic.Int64
 }

@@ -166,7 +166,12 @@ func (l *Ledger) Identities(ctx context.Context, namespace string, now time.Time
 		nsCond = " WHERE i.namespace = ?"
 		args = append(args, namespace, namespace)
 	}
-	q := `SELECT i.spiffe_id, i.namespace, i.service_account, i.last_issued, COALESCE(v.n, 0), v.soonest
+	// The table's last_issued may lag by up to identityRefresh; the
+	// newest certificate (one index seek per identity) has the exact time
+	// while it is kept.
+	q := `SELECT i.spiffe_id, i.namespace, i.service_account,
+		` + l.d.greatest + `(i.last_issued, COALESCE((SELECT MAX(c.issued_at) FROM certificates c WHERE c.spiffe_id = i.spiffe_id), i.last_issued)),
+		COALESCE(v.n, 0), v.soonest
 		FROM identities i
 		LEFT JOIN (
 			SELECT spiffe_id, COUNT(*) AS n, MIN(not_after) AS soonest FROM certificates

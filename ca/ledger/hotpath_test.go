@@ -76,3 +76,37 @@ func TestCommitDelayGroupsUnderLoad(t *testing.T) {
 		}
 	})
 }
+
+// TestIdentityWrittenOncePerRefresh: the identities table is written when
+// an identity is first recorded, not with every certificate after it (one
+// page write fewer per certificate), yet Identities reports the newest
+// issuance exactly.
+func TestIdentityWrittenOncePerRefresh(t *testing.T) {
+	eachDB(t, func(t *testing.T, db testDB) {
+		l := db.open(t)
+		ctx := context.Background()
+		older, newer := rec(2), rec(1)
+		record(t, l, older)
+		record(t, l, newer)
+		var stored int64
+		if err := db.raw(t).QueryRow("SELECT COUNT(*) FROM identities WHERE spiffe_id = '" + older.SPIFFEID + "'").Scan(&stored); err != nil || stored != 1 {
+			t.Fatalf("identities rows: %d, %v", stored, err)
+		}
+		if db.driver == "sqlite" {
+			var lastIssued int64
+			if err := db.raw(t).QueryRow("SELECT last_issued FROM identities").Scan(&lastIssued); err != nil {
+				t.Fatal(err)
+			}
+			if lastIssued != older.IssuedAt.UnixMicro() {
+				t.Errorf("the second certificate rewrote the identity's row (last_issued %d, first written %d)", lastIssued, older.IssuedAt.UnixMicro())
+			}
+		}
+		ids, err := l.Identities(ctx, "", newer.NotBefore.Add(time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ids) != 1 || !ids[0].LastIssued.Equal(newer.IssuedAt) || ids[0].ValidCerts != 2 {
+			t.Errorf("Identities = %+v, want last issued %s and 2 valid", ids, newer.IssuedAt)
+		}
+	})
+}
