@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"fmt"
+	"math/big"
 	"net"
 	"net/url"
 	"time"
@@ -180,9 +181,13 @@ func (a *Authority) sign(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.
 	if tmpl.NotAfter.After(is.notAfter) {
 		tmpl.NotAfter = is.notAfter
 	}
-	// x509.CreateCertificate draws a random RFC 5280 serial for a nil
-	// SerialNumber, sets the AKI from the issuer's SKI, and checks the
-	// signature it made, so that check is not repeated below.
+	serial, err := newSerial(now)
+	if err != nil {
+		return nil, err
+	}
+	tmpl.SerialNumber = serial
+	// x509.CreateCertificate sets the AKI from the issuer's SKI and checks
+	// the signature it made, so that check is not repeated below.
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, is.cert, pub, is.signer)
 	if err != nil {
 		return nil, errorf("signing: %w", err)
@@ -211,3 +216,22 @@ func (a *Authority) sign(tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.
 // only the first certificate there; with one root it is that root's PEM,
 // byte for byte. Encoded once per issuer, not per request.
 func trustBundlePEM(is *Issuer) string { return is.bundlePEM }
+
+// newSerial is a certificate serial number: the time of issue in
+// milliseconds (48 bits), then 80 random bits. Randomness beyond the CA/B
+// Forum's 64 bits keeps serials unguessable and unique across replicas;
+// the time prefix makes each new serial sort after the last, so the
+// ledger's serial index grows at its end (one page written per commit)
+// instead of at a random place (one page per certificate).
+func newSerial(now time.Time) (*big.Int, error) {
+	var b [16]byte
+	ms := uint64(now.UnixMilli())
+	for i := 5; i >= 0; i-- {
+		b[i] = byte(ms)
+		ms >>= 8
+	}
+	if _, err := rand.Read(b[6:]); err != nil {
+		return nil, errorf("serial: %w", err)
+	}
+	return new(big.Int).SetBytes(b[:]), nil
+}

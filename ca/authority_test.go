@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/asn1"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -304,5 +305,35 @@ func TestIssueChainOneRootUnchanged(t *testing.T) {
 	}
 	if got := cert.ChainPEM[len(cert.ChainPEM)-1]; got != string(is.RootsPEM()) {
 		t.Errorf("last element = %q, want the trust bundle %q", got, is.RootsPEM())
+	}
+}
+
+// TestSerialsSortByIssueTime: serials are unique, positive, at most 20
+// octets, carry 80 random bits (two in the same millisecond differ), and
+// sort by issue time as the ledger stores them (lower-case hex), so its
+// serial index grows at one end.
+func TestSerialsSortByIssueTime(t *testing.T) {
+	is, _ := newIssuer(t, keys.Options{})
+	key := ecKey(t)
+	var prev string
+	seen := map[string]bool{}
+	for i, at := range []time.Duration{time.Hour, time.Hour, time.Hour + time.Millisecond, time.Hour + 2*time.Second, 3 * time.Hour} {
+		cert, err := newAuthority(t, is, t0.Add(at)).Issue(ca.Request{ID: webID, PublicKey: key.Public()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sn := cert.Leaf.SerialNumber
+		if sn.Sign() <= 0 || len(sn.Bytes()) > 20 {
+			t.Fatalf("serial %x: not a positive number of at most 20 octets", sn)
+		}
+		hex := fmt.Sprintf("%x", sn)
+		if seen[hex] {
+			t.Fatalf("serial %s issued twice", hex)
+		}
+		seen[hex] = true
+		if i > 0 && at != time.Hour && (len(hex) != len(prev) || hex <= prev) {
+			t.Errorf("serial %s issued after %s sorts before it", hex, prev)
+		}
+		prev = hex
 	}
 }
