@@ -101,14 +101,16 @@ func (l *Ledger) next() []*pending {
 	for len(l.queue) == 0 && !l.closed {
 		l.cond.Wait()
 	}
-	// Under load, hold the commit back until its first record has waited
-	// commitDelay, so the records arriving meanwhile share its fsync and
-	// page writes; a lone record on an idle CA is committed at once.
-	if len(l.queue) > 0 && l.lastBatch >= 2 && l.commitDelay > 0 {
+	// Under load, a commit of few records waits (until its first record has
+	// waited commitDelay) for more to share its fsync and page writes. A
+	// lone record on an idle CA is committed at once, and so is a batch
+	// that gathered while the last commit ran (a database whose commits
+	// are slow, such as PostgreSQL over a network, batches by itself).
+	if len(l.queue) > 0 && len(l.queue) < targetBatch && l.lastBatch >= 2 && l.commitDelay > 0 {
 		deadline := l.queue[0].queued.Add(l.commitDelay)
 		if wait := time.Until(deadline); wait > 0 {
 			timer := time.AfterFunc(wait, l.cond.Broadcast)
-			for len(l.queue) < l.maxBatch && !l.closed && time.Now().Before(deadline) {
+			for len(l.queue) < targetBatch && !l.closed && time.Now().Before(deadline) {
 				l.cond.Wait()
 			}
 			timer.Stop()
@@ -126,6 +128,11 @@ func (l *Ledger) next() []*pending {
 	}
 	return batch
 }
+
+// targetBatch is a commit's size beyond which waiting for more records
+// saves little: the commit's fixed cost (fsync, WAL header, statements) is
+// then a small part of its records'.
+const targetBatch = 32
 
 // rowsPerInsert keeps one INSERT's parameters (13 per row) well below the
 // limits of SQLite (32766) and PostgreSQL (65535).

@@ -56,8 +56,9 @@ type Config struct {
 	// MaxBatch bounds how many records one commit carries (default 256).
 	MaxBatch int
 	// CommitDelay: under load (the last commit carried two records or
-	// more), a commit waits until its first record has waited this long,
-	// so that more share it. 0 means DefaultCommitDelay; negative, never.
+	// more), a commit of fewer than 32 records waits until its first
+	// record has waited this long, so that more share it. 0 means
+	// DefaultCommitDelay; negative, never.
 	CommitDelay time.Duration
 	Log         *slog.Logger // nil: discard
 }
@@ -72,9 +73,11 @@ var ErrUnavailable = errors.New("ledger: unavailable")
 
 const defaultMaxBatch = 256
 
-// DefaultCommitDelay is how long, under load, a commit waits for more
-// records after its first one arrived.
-const DefaultCommitDelay = time.Millisecond
+// DefaultCommitDelay is how long, under load, a small commit waits for more
+// records after its first one arrived. Measured at 64 requests in flight on
+// 2 cores (hack/perf-ledger.sh): SQLite 0.52x of no ledger without it
+// (1.3 records a commit), 0.70x at 1-2 ms, 0.79x at 4 ms, 0.71x at 8 ms.
+const DefaultCommitDelay = 4 * time.Millisecond
 
 // commitTimeout bounds one group commit. It does not come from any caller's
 // context: one impatient caller must not fail the records of the others.

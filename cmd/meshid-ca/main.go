@@ -129,7 +129,11 @@ func run(ctx context.Context, o *options) error {
 			return fmt.Errorf("ledger: %w", err)
 		}
 	}
-	led, err := ledger.Open(ctx, ledger.Config{Driver: o.ledger, DSN: o.ledgerDSN, Log: log})
+	delay := o.ledgerDelay
+	if delay == 0 {
+		delay = -1 // the flag's 0 means never; the ledger's means its default
+	}
+	led, err := ledger.Open(ctx, ledger.Config{Driver: o.ledger, DSN: o.ledgerDSN, CommitDelay: delay, Log: log})
 	if err != nil {
 		return fmt.Errorf("opening the %s ledger: %w", o.ledger, err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/server"
 )
 
@@ -84,6 +85,7 @@ type options struct {
 	ledgerDSN       string
 	ledgerDSNFile   string
 	ledgerRetention time.Duration
+	ledgerDelay     time.Duration
 	adminAddr       string
 	adminIDs        []string
 	adminSAs        []string
@@ -152,6 +154,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.ledger, "ledger", ledgerSQLite, "where every issued certificate is recorded before it is returned: sqlite (a file, one replica) or postgres (shared by replicas)")
 	fs.StringVar(&o.ledgerDSN, "ledger-dsn", "", "sqlite: the database file (default <state-dir>/ledger.db); postgres: the connection URL (prefer --ledger-dsn-file: a URL with a password shows in the process list)")
 	fs.StringVar(&o.ledgerDSNFile, "ledger-dsn-file", "", "file holding the postgres connection URL (a mounted Secret)")
+	fs.DurationVar(&o.ledgerDelay, "ledger-commit-delay", ledger.DefaultCommitDelay, "under load, how long a commit of fewer than 32 records waits for more to share its fsync (each certificate is still returned only once recorded); 0 never waits")
 	fs.DurationVar(&o.ledgerRetention, "ledger-retention", 30*24*time.Hour, "records of certificates expired longer ago than this are pruned (hourly); 0 keeps everything")
 	fs.StringVar(&o.adminAddr, "admin-addr", ":15013", "address of the admin API (gRPC, TLS; meshidctl talks to it); served only when --admin-ids or --admin-service-accounts name someone; empty disables")
 	fs.StringSliceVar(&o.adminIDs, "admin-ids", nil, "SPIFFE IDs whose client certificates (issued by this CA) may use the admin API")
@@ -315,6 +318,9 @@ func (o *options) complete() error {
 	}
 	if o.ledgerRetention < 0 {
 		bad("--ledger-retention must not be negative")
+	}
+	if o.ledgerDelay < 0 || o.ledgerDelay > time.Second {
+		bad("--ledger-commit-delay must be between 0 and 1s")
 	}
 	if o.denyRefresh < 100*time.Millisecond {
 		bad("--deny-refresh-interval must be at least 100ms")
