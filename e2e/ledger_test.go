@@ -140,6 +140,13 @@ func TestCrashKeepsEveryIssuedCertificate(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("1000 certificates not issued within 60s")
 	}
+	// Every certificate a client holds was recorded first; the commits
+	// that carried them are counted.
+	metrics := p.Metrics(t)
+	records, commits := sumMetric(metrics, "meshid_ca_ledger_records_total"), sumMetric(metrics, "meshid_ca_ledger_commits_total")
+	if records < 1000 || commits < 1 || commits > records {
+		t.Errorf("meshid_ca_ledger_records_total %v, meshid_ca_ledger_commits_total %v; want at least 1000 records in at most as many commits", records, commits)
+	}
 	// In the middle of the load: requests are in flight as it dies.
 	if err := p.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
