@@ -5,7 +5,9 @@
 # e.g.: hack/perf-ca.sh -concurrency 64 -duration 20s
 set -euo pipefail
 cd "$(dirname "$0")/.."
-go build -o bin/ ./cmd/meshid-ca ./cmd/meshid-load
+# MESHID_PERF_BUILD_TAGS=meshid_bench adds meshid-ca's --bench-record-nothing
+# (hack/perf-ledger.sh's process mode); never in a release build.
+go build ${MESHID_PERF_BUILD_TAGS:+-tags "$MESHID_PERF_BUILD_TAGS"} -o bin/ ./cmd/meshid-ca ./cmd/meshid-load
 dir=$(mktemp -d)
 ca_pid=
 cleanup() {
@@ -16,10 +18,11 @@ trap cleanup EXIT
 grpc=127.0.0.1:${MESHID_PERF_GRPC_PORT:-25012}
 http=127.0.0.1:${MESHID_PERF_HTTP_PORT:-25014}
 bin/meshid-load -token-issuer-key "$dir/issuer-key.pem" -print-jwks >"$dir/jwks.json"
-# Rate limiting off: the load sends many certificates per identity on purpose.
+# Rate limits off (per pod, per namespace, global): the load sends many
+# certificates per identity, from one namespace, on purpose.
 env ${MESHID_PERF_CA_ENV:-} bin/meshid-ca --state-dir "$dir/state" --auth jwks --jwks-file "$dir/jwks.json" \
   --token-issuer https://meshid-demo.local --grpc-addr "$grpc" --http-addr "$http" \
-  --rate-limit 0 --bundle-endpoint-addr= ${MESHID_PERF_CA_ARGS:-} 2>"$dir/ca.log" &
+  --rate-limit 0 --namespace-rate-limit 0 --global-rate-limit 0 --bundle-endpoint-addr= ${MESHID_PERF_CA_ARGS:-} 2>"$dir/ca.log" &
 ca_pid=$!
 for _ in $(seq 100); do
   curl -fsS "http://$http/readyz" >/dev/null 2>&1 && break

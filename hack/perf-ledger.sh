@@ -6,10 +6,41 @@
 # each round and the median ratio to no ledger. Usage:
 #   hack/perf-ledger.sh [rounds (5)] [benchtime (5s)]
 #   MESHID_TEST_POSTGRES_DSN=$(hack/postgres.sh) hack/perf-ledger.sh
+#
+# MESHID_PERF_PROCESS=1: the same comparison with meshid-ca as its own
+# process and meshid-load as another (hack/perf-ca.sh: c=64 over 2
+# connections, JWKS tokens, SQLite ledger), the baseline being a benchmark
+# build's --bench-record-nothing; the second argument is then each run's
+# load duration (default 10s). MESHID_PERF_CA_ARGS: more meshid-ca flags for
+# both (e.g. --ledger-commit-delay=2ms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
 benchtime=${2:-5s}
+if [ -n "${MESHID_PERF_PROCESS:-}" ]; then
+  duration=${2:-10s}
+  [ "$duration" = 5s ] && duration=10s
+  out=$(mktemp)
+  trap 'rm -f "$out"' EXIT
+  for r in $(seq "$rounds"); do
+    for kind in none sqlite; do
+      args=${MESHID_PERF_CA_ARGS:-}
+      [ "$kind" = none ] && args="$args --bench-record-nothing"
+      rate=$(MESHID_PERF_BUILD_TAGS=meshid_bench MESHID_PERF_CA_ARGS="$args" hack/perf-ca.sh -json -limit-duration 0 -duration "$duration" -concurrency 64 |
+        grep -o '"e2e_certs_per_sec": *[0-9.]*' | grep -o '[0-9.]*$')
+      echo "round $r: $kind $rate certs/s" | tee -a "$out"
+    done
+  done
+  awk '{ v[$3, ++n[$3]] = $4 }
+    function median(k, m,   i, j, t, a) { for (i = 1; i <= m; i++) a[i] = v[k, i] + 0
+      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2 }
+    END { for (r = 1; r <= n["sqlite"]; r++) ratio[r] = v["sqlite", r] / v["none", r]
+      for (r = 1; r <= n["sqlite"]; r++) v["ratio", r] = ratio[r]
+      printf "median of %d: none %.0f certs/s, sqlite %.0f certs/s, ratio %.3f (per-round ratios:", n["sqlite"], median("none", n["none"]), median("sqlite", n["sqlite"]), median("ratio", n["sqlite"])
+      for (r = 1; r <= n["sqlite"]; r++) printf " %.3f", ratio[r]; print ")" }' "$out"
+  exit 0
+fi
 kinds='none|sqlite'
 [ -n "${MESHID_TEST_POSTGRES_DSN:-}" ] && kinds='none|sqlite|postgres'
 bin=$(mktemp -d)/server.test

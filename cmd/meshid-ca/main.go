@@ -171,7 +171,7 @@ func run(ctx context.Context, o *options) error {
 		Auth:        authn,
 		TrustDomain: o.td,
 		Limits:      o.limits(),
-		Ledger:      led,
+		Ledger:      issuanceRecorder(led, o.recordNothing),
 		DenyList:    denyList,
 		Metrics:     metrics,
 		Log:         log,

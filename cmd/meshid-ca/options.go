@@ -86,6 +86,7 @@ type options struct {
 	ledgerDSNFile   string
 	ledgerRetention time.Duration
 	ledgerDelay     time.Duration
+	recordNothing   bool // benchmark builds only (benchflags.go)
 	adminAddr       string
 	adminIDs        []string
 	adminSAs        []string
@@ -115,6 +116,7 @@ const (
 const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
+	addBenchFlags(fs, o)
 	fs.StringVar(&o.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of issued identities")
 	fs.StringSliceVar(&o.audiences, "audiences", []string{"istio-ca"}, "token audiences accepted; a token for any other audience is refused")
 	fs.StringVar(&o.grpcAddr, "grpc-addr", ":15012", "address of the gRPC certificate service")
