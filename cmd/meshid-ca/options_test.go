@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"os"
 	"strings"
 	"testing"
@@ -113,5 +114,17 @@ func TestOptionsRefused(t *testing.T) {
 	_, err := parse(t, "--log-format=xml", "--rate-limit=-1")
 	if err == nil || !strings.Contains(err.Error(), "--log-format") || !strings.Contains(err.Error(), "--rate-limit") {
 		t.Errorf("two bad flags: %v, want both named", err)
+	}
+}
+
+// TestReleaseHasNoRecordNothing: the benchmark baseline that issues without
+// recording exists only in -tags meshid_bench builds.
+func TestReleaseHasNoRecordNothing(t *testing.T) {
+	var o options
+	fs := pflag.NewFlagSet("meshid-ca", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	o.addFlags(fs)
+	if err := fs.Parse([]string{"--bench-record-nothing"}); err == nil || !strings.Contains(err.Error(), "unknown flag") {
+		t.Fatalf("--bench-record-nothing in a release build: %v, want unknown flag", err)
 	}
 }
