@@ -9,7 +9,8 @@
 #
 # MESHID_PERF_PROCESS=1: the same comparison with meshid-ca as its own
 # process and meshid-load as another (hack/perf-ca.sh: c=64 over 2
-# connections, JWKS tokens, SQLite ledger), the baseline being a benchmark
+# connections, JWKS tokens, the SQLite ledger unless MESHID_PERF_CA_ARGS
+# says --ledger=postgres --ledger-dsn=…), the baseline being a benchmark
 # build's --bench-record-nothing; the second argument is then each run's
 # load duration (default 10s). MESHID_PERF_CA_ARGS: more meshid-ca flags for
 # both (e.g. --ledger-commit-delay=2ms).
@@ -23,7 +24,7 @@ if [ -n "${MESHID_PERF_PROCESS:-}" ]; then
   out=$(mktemp)
   trap 'rm -f "$out"' EXIT
   for r in $(seq "$rounds"); do
-    for kind in none sqlite; do
+    for kind in none ledger; do
       args=${MESHID_PERF_CA_ARGS:-}
       [ "$kind" = none ] && args="$args --bench-record-nothing"
       rate=$(MESHID_PERF_BUILD_TAGS=meshid_bench MESHID_PERF_CA_ARGS="$args" hack/perf-ca.sh -json -limit-duration 0 -duration "$duration" -concurrency 64 |
@@ -35,10 +36,10 @@ if [ -n "${MESHID_PERF_PROCESS:-}" ]; then
     function median(k, m,   i, j, t, a) { for (i = 1; i <= m; i++) a[i] = v[k, i] + 0
       for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
       return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2 }
-    END { for (r = 1; r <= n["sqlite"]; r++) ratio[r] = v["sqlite", r] / v["none", r]
-      for (r = 1; r <= n["sqlite"]; r++) v["ratio", r] = ratio[r]
-      printf "median of %d: none %.0f certs/s, sqlite %.0f certs/s, ratio %.3f (per-round ratios:", n["sqlite"], median("none", n["none"]), median("sqlite", n["sqlite"]), median("ratio", n["sqlite"])
-      for (r = 1; r <= n["sqlite"]; r++) printf " %.3f", ratio[r]; print ")" }' "$out"
+    END { for (r = 1; r <= n["ledger"]; r++) ratio[r] = v["ledger", r] / v["none", r]
+      for (r = 1; r <= n["ledger"]; r++) v["ratio", r] = ratio[r]
+      printf "median of %d: no ledger %.0f certs/s, ledger %.0f certs/s, ratio %.3f (per-round ratios:", n["ledger"], median("none", n["none"]), median("ledger", n["ledger"]), median("ratio", n["ledger"])
+      for (r = 1; r <= n["ledger"]; r++) printf " %.3f", ratio[r]; print ")" }' "$out"
   exit 0
 fi
 kinds='none|sqlite'
