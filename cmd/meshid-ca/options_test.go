@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 )
@@ -50,8 +51,8 @@ func TestOptionsLedgerAndAdmin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.ledger != "sqlite" || o.ledgerDSN != "/var/lib/x/ledger.db" || o.ledgerRetention.Hours() != 720 || o.serveAdmin() {
-		t.Errorf("defaults: ledger %s at %s, retention %s, admin served %v", o.ledger, o.ledgerDSN, o.ledgerRetention, o.serveAdmin())
+	if o.ledger != "sqlite" || o.ledgerDSN != "/var/lib/x/ledger.db" || o.ledgerRetention.Hours() != 720 || o.ledgerDelay != 4*time.Millisecond || o.serveAdmin() {
+		t.Errorf("defaults: ledger %s at %s, retention %s, commit delay %s, admin served %v", o.ledger, o.ledgerDSN, o.ledgerRetention, o.ledgerDelay, o.serveAdmin())
 	}
 	dsnFile := t.TempDir() + "/dsn"
 	if err := os.WriteFile(dsnFile, []byte("postgres://meshid@db/meshid\n"), 0o600); err != nil {
@@ -102,6 +103,8 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--ledger=postgres", "--ledger-dsn-file=/nonexistent/dsn"}, "--ledger-dsn-file: open /nonexistent/dsn"},
 		{[]string{"--ledger-dsn-file=/f"}, "--ledger-dsn-file is for --ledger=postgres"},
 		{[]string{"--ledger-retention=-1h"}, "--ledger-retention must not be negative"},
+		{[]string{"--ledger-commit-delay=-1ms"}, "--ledger-commit-delay must be between 0 and 1s"},
+		{[]string{"--ledger-commit-delay=2s"}, "--ledger-commit-delay must be between 0 and 1s"},
 		{[]string{"--deny-refresh-interval=1ms"}, "--deny-refresh-interval must be at least 100ms"},
 		{[]string{"--admin-ids=not-a-spiffe-id"}, "--admin-ids"},
 		{[]string{"--admin-service-accounts=meshid-system"}, `--admin-service-accounts: "meshid-system" is not namespace/name`},
