@@ -2,6 +2,7 @@ package ledger_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -109,4 +110,51 @@ func TestIdentityWrittenOncePerRefresh(t *testing.T) {
 			t.Errorf("Identities = %+v, want last issued %s and 2 valid", ids, newer.IssuedAt)
 		}
 	})
+}
+
+// TestPruneLeavesTheWriterToRecords: a prune of a large backlog (after an
+// upgrade, an outage, a shorter retention) rests between its chunks, so
+// certificates keep being recorded while it runs instead of one between
+// chunks.
+func TestPruneLeavesTheWriterToRecords(t *testing.T) {
+	db := newSQLite(t)
+	l := db.open(t)
+	ctx := context.Background()
+	const backlog = 2_500
+	old := make([]ledger.Record, backlog)
+	for i := range old {
+		old[i] = rec(100_000+i, func(r *ledger.Record) { r.NotAfter = r.IssuedAt.Add(time.Minute) })
+	}
+	if err := ledger.BulkInsert(ctx, l, old); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		n, err := l.Prune(ctx, us(t0).Add(time.Hour))
+		if err == nil && n != backlog {
+			err = fmt.Errorf("pruned %d, want %d", n, backlog)
+		}
+		done <- err
+	}()
+	recorded := 0
+	for i := 0; ; i++ {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Three chunks: with no rest between them, a record got in
+			// only between two chunks (4 while 5,000-row chunks of a
+			// 10,000-record backlog ran back to back).
+			if recorded < 10 {
+				t.Errorf("%d records committed while Prune ran, want at least 10", recorded)
+			}
+			return
+		default:
+		}
+		if err := l.Record(ctx, rec(i, func(r *ledger.Record) { r.IssuedAt, r.NotBefore, r.NotAfter = us(t0), us(t0), us(t0).Add(24*time.Hour) })); err != nil {
+			t.Fatal(err)
+		}
+		recorded++
+	}
 }
