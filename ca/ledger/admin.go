@@ -131,10 +131,39 @@ func (l *Ledger) Prune(ctx context.Context, expiredBefore time.Time) (int64, err
 	}
 	cut := l.d.timeArg(expiredBefore)
 	var total int64
+	for _, table := range l.tables() {
+		n, err := l.pruneTable(ctx, table, cut)
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+	// Forgotten before and after: an identity written back between the two
+	// is written again by the next record that names it.
+	l.ids.forget()
+	defer l.ids.forget()
+	if _, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM identities WHERE last_issued < ?
+		AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.spiffe_id = identities.spiffe_id)`+l.notInRecent()), cut); err != nil {
+		return total, unavailable(err)
+	}
+	return total, nil
+}
+
+// notInRecent extends the identities prune to records not moved yet.
+func (l *Ledger) notInRecent() string {
+	if l.d == sqliteDialect {
+		return " AND NOT EXISTS (SELECT 1 FROM recent r WHERE r.spiffe_id = identities.spiffe_id)"
+	}
+	return ""
+}
+
+// pruneTable deletes the expired records of table in chunks.
+func (l *Ledger) pruneTable(ctx context.Context, table string, cut any) (int64, error) {
+	var total int64
 	for {
 		start := time.Now()
-		res, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM certificates WHERE serial IN (
-			SELECT serial FROM certificates WHERE not_after < ? LIMIT `+strconv.Itoa(pruneChunk)+`)`), cut)
+		res, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM `+table+` WHERE serial IN (
+			SELECT serial FROM `+table+` WHERE not_after < ? LIMIT `+strconv.Itoa(pruneChunk)+`)`), cut)
 		if err != nil {
 			return total, unavailable(err)
 		}
@@ -153,14 +182,6 @@ func (l *Ledger) Prune(ctx context.Context, expiredBefore time.Time) (int64, err
 			return total, ctx.Err()
 		case <-time.After(took * pruneRest):
 		}
-	}
-	// Forgotten before and after: an identity written back between the two
-	// is written again by the next record that names it.
-	l.ids.forget()
-	defer l.ids.forget()
-	if _, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM identities WHERE last_issued < ?
-		AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.spiffe_id = identities.spiffe_id)`), cut); err != nil {
-		return total, unavailable(err)
 	}
 	return total, nil
 }

@@ -80,6 +80,67 @@ func (l *Ledger) commitLoop() {
 			l.records.Add(int64(len(batch)))
 			l.log.Debug("ledger: committed", "records", len(batch), "duration", time.Since(start))
 		}
+		l.answerBatch(batch, errs, err)
+		if l.d == sqliteDialect && l.moveDue(len(batch), err == nil) {
+			if err := l.move(context.Background()); err != nil {
+				l.log.Error("ledger: moving records into the indexed table failed; they stay readable where they are", "error", err)
+			}
+		}
+	}
+}
+
+// moveEvery and moveAfter: the commit loop moves records from recent to
+// certificates once this many are there, or when the oldest has waited
+// this long and another commit comes. Records in recent are as durable and
+// as readable as in certificates; recent only has no index but its key, so
+// inserting there costs a few pages a commit, and the index inserts happen
+// in one large transaction per move instead of in every commit that
+// requests wait on.
+const (
+	moveEvery = 2000
+	moveAfter = time.Second
+)
+
+// move carries every record of recent into certificates in one
+// transaction. Only the commit loop (or a test, with no loop running
+// writes) calls it: SQLite has one writer, so nothing lands in recent
+// between the copy and the delete.
+func (l *Ledger) move(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, commitTimeout)
+	defer cancel()
+	tx, err := l.w.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, "INSERT INTO certificates ("+certColumns+") SELECT "+certColumns+" FROM recent WHERE true ON CONFLICT (serial) DO NOTHING"); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, "DELETE FROM recent"); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	l.hot, l.lastMove = 0, time.Now()
+	l.mu.Unlock()
+	return nil
+}
+
+// moveDue counts a committed batch of n records and says whether recent
+// should be moved now.
+func (l *Ledger) moveDue(n int, committed bool) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if committed {
+		l.hot += n
+	}
+	return l.hot >= moveEvery || (l.hot > 0 && time.Since(l.lastMove) > moveAfter)
+}
+
+func (l *Ledger) answerBatch(batch []*pending, errs []error, err error) {
+	{
 		for i, p := range batch {
 			e := err
 			if e == nil {
@@ -180,12 +241,21 @@ func (l *Ledger) prepare(ctx context.Context, qs []string) error {
 	return nil
 }
 
+// newTable is where new records are inserted: for SQLite the small
+// unindexed table the commit loop moves them out of (see move).
+func (l *Ledger) newTable() string {
+	if l.d == sqliteDialect {
+		return "recent"
+	}
+	return "certificates"
+}
+
 // certInsert and identityUpsert are the commit loop's statements for a
 // number of rows; their texts are made once.
 func (l *Ledger) certInsert(rows int) string {
 	q, ok := l.texts[-rows]
 	if !ok {
-		q = l.d.rebind("INSERT INTO certificates (" + certColumns + ") VALUES " + values(rows, 13) +
+		q = l.d.rebind("INSERT INTO " + l.newTable() + " (" + certColumns + ") VALUES " + values(rows, 13) +
 			" ON CONFLICT (serial) DO NOTHING RETURNING serial")
 		l.texts[-rows] = q
 	}
@@ -255,7 +325,23 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 	defer tx.Rollback()
 
 	inserted := make(map[string]bool, len(unique))
-	for _, chunk := range powerChunks(unique) {
+	toInsert := unique
+	if l.d == sqliteDialect {
+		// A serial already moved into certificates is judged like one in
+		// recent: not inserted again, compared below.
+		serials := make([]string, len(unique))
+		for i, r := range unique {
+			serials[i] = r.Serial
+		}
+		moved := map[string]Record{}
+		if err := l.fetchFrom(ctx, tx, "certificates", serials, moved); err != nil {
+			return nil, err
+		}
+		if len(moved) > 0 {
+			toInsert = slices.DeleteFunc(slices.Clone(unique), func(r *Record) bool { _, ok := moved[r.Serial]; return ok })
+		}
+	}
+	for _, chunk := range powerChunks(toInsert) {
 		args := make([]any, 0, len(chunk)*13)
 		for _, r := range chunk {
 			args = l.certArgs(args, r)
@@ -406,12 +492,22 @@ func (c *identityCache) forget() {
 
 // fetch reads the stored records of serials into m.
 func (l *Ledger) fetch(ctx context.Context, tx *sql.Tx, serials []string, m map[string]Record) error {
+	for _, table := range l.tables() {
+		if err := l.fetchFrom(ctx, tx, table, serials, m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fetchFrom reads the records of serials stored in table into m.
+func (l *Ledger) fetchFrom(ctx context.Context, tx *sql.Tx, table string, serials []string, m map[string]Record) error {
 	for chunk := range slices.Chunk(serials, rowsPerInsert) {
 		args := make([]any, len(chunk))
 		for i, s := range chunk {
 			args[i] = s
 		}
-		q := "SELECT " + certColumns + " FROM certificates WHERE serial IN (" + strings.TrimSuffix(strings.Repeat("?, ", len(chunk)), ", ") + ")"
+		q := "SELECT " + certColumns + " FROM " + table + " WHERE serial IN (" + strings.TrimSuffix(strings.Repeat("?, ", len(chunk)), ", ") + ")"
 		rows, err := tx.QueryContext(ctx, l.d.rebind(q), args...)
 		if err != nil {
 			return err

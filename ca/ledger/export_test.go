@@ -19,7 +19,13 @@ func BulkInsert(ctx context.Context, l *Ledger, recs []Record) error {
 	if err != nil {
 		return err
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if l.d == sqliteDialect {
+		return l.move(ctx)
+	}
+	return nil
 }
 
 // SchemaVersion keys the benchmarks' cached database.
@@ -38,4 +44,13 @@ func Queued(l *Ledger) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.queue)
+}
+
+// Move carries SQLite's recent records into the indexed table now.
+func Move(ctx context.Context, l *Ledger) error { return l.move(ctx) }
+
+// InRecent counts the records not moved yet.
+func InRecent(ctx context.Context, l *Ledger) (n int, err error) {
+	err = l.r.QueryRowContext(ctx, "SELECT COUNT(*) FROM recent").Scan(&n)
+	return n, err
 }

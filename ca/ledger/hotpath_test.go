@@ -3,6 +3,7 @@ package ledger_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -156,5 +157,84 @@ func TestPruneLeavesTheWriterToRecords(t *testing.T) {
 			t.Fatal(err)
 		}
 		recorded++
+	}
+}
+
+// TestRecordsReadableBeforeAndAfterTheMove: SQLite records first land in
+// a small unindexed table and are moved into the indexed one in large
+// transactions; every read sees them, in order, on either side, and a
+// serial is unique across both.
+func TestRecordsReadableBeforeAndAfterTheMove(t *testing.T) {
+	db := newSQLite(t)
+	l := db.open(t)
+	ctx := context.Background()
+	// 1..3 moved, 4..6 not yet (one commit each, then a move of 1..3).
+	for i := 1; i <= 3; i++ {
+		record(t, l, rec(i))
+	}
+	if err := ledger.Move(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	for i := 4; i <= 6; i++ {
+		record(t, l, rec(i))
+	}
+	if n, err := ledger.InRecent(ctx, l); err != nil || n == 0 {
+		t.Fatalf("records not yet moved: %d, %v; the test needs some", n, err)
+	}
+	check := func(when string) {
+		t.Helper()
+		// Newest first across both tables, paged two at a time.
+		want := []string{rec(1).Serial, rec(2).Serial, rec(3).Serial, rec(4).Serial, rec(5).Serial, rec(6).Serial}
+		var got []string
+		f := ledger.Filter{Limit: 2}
+		for {
+			p, err := l.Certificates(ctx, f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, serials(p.Records)...)
+			if p.Next == "" {
+				break
+			}
+			f.PageToken = p.Next
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: pages %v, want %v", when, got, want)
+		}
+		for i := 1; i <= 6; i++ {
+			if _, err := l.Certificate(ctx, rec(i).Serial); err != nil {
+				t.Errorf("%s: Certificate(%d): %v", when, i, err)
+			}
+		}
+		at := rec(1).NotBefore.Add(time.Second)
+		ids, err := l.Identities(ctx, "demo", at)
+		if err != nil || len(ids) != 1 || !ids[0].LastIssued.Equal(rec(1).IssuedAt) {
+			t.Errorf("%s: Identities = %+v, %v; want last issued %s", when, ids, err, rec(1).IssuedAt)
+		}
+		if n, _, err := l.Outstanding(ctx, rec(1).IssuedAt.Add(time.Second), at); err != nil || n == 0 {
+			t.Errorf("%s: Outstanding = %d, %v", when, n, err)
+		}
+		// The same record again is accepted; another under a stored serial
+		// is refused, wherever the first one is.
+		for _, i := range []int{2, 5} {
+			if err := l.Record(ctx, rec(i)); err != nil {
+				t.Errorf("%s: recording %d again: %v", when, i, err)
+			}
+			other := rec(i, func(r *ledger.Record) { r.PodName = "someone-else" })
+			if err := l.Record(ctx, other); err == nil {
+				t.Errorf("%s: a different record under serial %s was accepted", when, other.Serial)
+			}
+		}
+	}
+	check("before the move")
+	if err := ledger.Move(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := ledger.InRecent(ctx, l); err != nil || n != 0 {
+		t.Fatalf("after the move %d records left, %v", n, err)
+	}
+	check("after the move")
+	if got := db.count(t, "certificates"); got != 6 {
+		t.Errorf("%d records in certificates, want 6", got)
 	}
 }

@@ -105,6 +105,9 @@ type Ledger struct {
 
 	ids identityCache // identities the commit loop wrote lately
 
+	hot      int       // records put in recent since the last move; under mu
+	lastMove time.Time // under mu
+
 	commits atomic.Int64
 	records atomic.Int64
 }

@@ -105,28 +105,34 @@ func (l *Ledger) Certificates(ctx context.Context, f Filter) (Page, error) {
 	if err != nil {
 		return Page{}, err
 	}
-	q := "SELECT " + certColumns + " FROM certificates"
-	if len(conds) > 0 {
-		q += " WHERE " + strings.Join(conds, " AND ")
-	}
-	// One row more than the page tells whether there is a next page.
-	q += " ORDER BY issued_at DESC, serial DESC LIMIT " + strconv.Itoa(limit+1)
-	rows, err := l.r.QueryContext(ctx, l.d.rebind(q), args...)
+	// One read transaction, so that a move from recent to certificates is
+	// seen whole or not at all.
+	tx, err := l.r.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
 		return Page{}, unavailable(err)
 	}
-	defer rows.Close()
-	var p Page
-	for rows.Next() {
-		r, err := scanRecord(rows)
-		if err != nil {
-			return Page{}, unavailable(err)
+	defer tx.Rollback()
+	var recs []Record
+	for _, table := range l.tables() {
+		q := "SELECT " + certColumns + " FROM " + table
+		if len(conds) > 0 {
+			q += " WHERE " + strings.Join(conds, " AND ")
 		}
-		p.Records = append(p.Records, r)
+		// One row more than the page tells whether there is a next page.
+		q += " ORDER BY issued_at DESC, serial DESC LIMIT " + strconv.Itoa(limit+1)
+		got, err := queryRecords(ctx, tx, l.d.rebind(q), args...)
+		if err != nil {
+			return Page{}, err
+		}
+		recs = append(recs, got...)
 	}
-	if err := rows.Err(); err != nil {
-		return Page{}, unavailable(err)
-	}
+	slices.SortFunc(recs, func(a, b Record) int {
+		if c := b.IssuedAt.Compare(a.IssuedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(b.Serial, a.Serial)
+	})
+	p := Page{Records: recs}
 	if len(p.Records) > limit {
 		p.Records = p.Records[:limit]
 		last := p.Records[limit-1]
@@ -135,12 +141,53 @@ func (l *Ledger) Certificates(ctx context.Context, f Filter) (Page, error) {
 	return p, nil
 }
 
+// tables are where certificate records live: the indexed table, and for
+// SQLite the small unindexed one new records go to first.
+func (l *Ledger) tables() []string {
+	if l.d == sqliteDialect {
+		return []string{"certificates", "recent"}
+	}
+	return []string{"certificates"}
+}
+
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+func queryRecords(ctx context.Context, q querier, query string, args ...any) ([]Record, error) {
+	rows, err := q.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	defer rows.Close()
+	var recs []Record
+	for rows.Next() {
+		r, err := scanRecord(rows)
+		if err != nil {
+			return nil, unavailable(err)
+		}
+		recs = append(recs, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, unavailable(err)
+	}
+	return recs, nil
+}
+
 // Certificate returns the record of one serial, or ErrNotFound.
 func (l *Ledger) Certificate(ctx context.Context, serial string) (Record, error) {
 	if err := checkSerial(serial); err != nil {
 		return Record{}, errorf("certificate: %v", err)
 	}
-	row := l.r.QueryRowContext(ctx, l.d.rebind("SELECT "+certColumns+" FROM certificates WHERE serial = ?"), serial)
+	q := "SELECT " + certColumns + " FROM certificates WHERE serial = ?"
+	if l.d == sqliteDialect {
+		q += " UNION ALL SELECT " + certColumns + " FROM recent WHERE serial = ?"
+	}
+	args := []any{serial}
+	if l.d == sqliteDialect {
+		args = append(args, serial)
+	}
+	row := l.r.QueryRowContext(ctx, l.d.rebind(q), args...)
 	r, err := scanRecord(row)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
@@ -159,25 +206,40 @@ func (l *Ledger) Identities(ctx context.Context, namespace string, now time.Time
 	if now.IsZero() {
 		return nil, errorf("identities: now is not set")
 	}
-	nsCond, valid := "", ""
-	args := []any{l.d.timeArg(now), l.d.timeArg(now)}
+	valid := "not_after > ? AND not_before <= ?"
+	validArgs := []any{l.d.timeArg(now), l.d.timeArg(now)}
+	nsCond := ""
 	if namespace != "" {
-		valid = " AND namespace = ?"
+		valid += " AND namespace = ?"
+		validArgs = append(validArgs, namespace)
 		nsCond = " WHERE i.namespace = ?"
-		args = append(args, namespace, namespace)
 	}
+	validRows := "SELECT spiffe_id, not_after FROM certificates WHERE " + valid
+	args := slices.Clone(validArgs)
 	// The table's last_issued may lag by up to identityRefresh; the
 	// newest certificate (one index seek per identity) has the exact time
 	// while it is kept.
+	last := "COALESCE((SELECT MAX(c.issued_at) FROM certificates c WHERE c.spiffe_id = i.spiffe_id), i.last_issued)"
+	recentJoin := ""
+	if l.d == sqliteDialect {
+		// Records not yet moved out of the small unindexed table: grouped
+		// once, not scanned per identity.
+		validRows += " UNION ALL SELECT spiffe_id, not_after FROM recent WHERE " + valid
+		args = append(args, validArgs...)
+		last = "max(" + last + ", COALESCE(rl.last, i.last_issued))"
+		recentJoin = " LEFT JOIN (SELECT spiffe_id, MAX(issued_at) AS last FROM recent GROUP BY spiffe_id) rl ON rl.spiffe_id = i.spiffe_id"
+	}
+	if namespace != "" {
+		args = append(args, namespace)
+	}
 	q := `SELECT i.spiffe_id, i.namespace, i.service_account,
-		` + l.d.greatest + `(i.last_issued, COALESCE((SELECT MAX(c.issued_at) FROM certificates c WHERE c.spiffe_id = i.spiffe_id), i.last_issued)),
+		` + l.d.greatest + `(i.last_issued, ` + last + `),
 		COALESCE(v.n, 0), v.soonest
 		FROM identities i
 		LEFT JOIN (
-			SELECT spiffe_id, COUNT(*) AS n, MIN(not_after) AS soonest FROM certificates
-			WHERE not_after > ? AND not_before <= ?` + valid + `
+			SELECT spiffe_id, COUNT(*) AS n, MIN(not_after) AS soonest FROM (` + validRows + `) u
 			GROUP BY spiffe_id
-		) v ON v.spiffe_id = i.spiffe_id` + nsCond + `
+		) v ON v.spiffe_id = i.spiffe_id` + recentJoin + nsCond + `
 		ORDER BY i.spiffe_id`
 	rows, err := l.r.QueryContext(ctx, l.d.rebind(q), args...)
 	if err != nil {
@@ -244,7 +306,14 @@ func (l *Ledger) Outstanding(ctx context.Context, cutoff, now time.Time) (n int,
 	}
 	// not_after is indexed; certificates valid now are the few.
 	q := `SELECT COUNT(*), MAX(not_after) FROM certificates WHERE not_after > ? AND issued_at < ?`
-	row := l.r.QueryRowContext(ctx, l.d.rebind(q), l.d.timeArg(now), l.d.timeArg(cutoff))
+	args := []any{l.d.timeArg(now), l.d.timeArg(cutoff)}
+	if l.d == sqliteDialect {
+		q = `SELECT COUNT(*), MAX(not_after) FROM (
+			SELECT not_after FROM certificates WHERE not_after > ? AND issued_at < ?
+			UNION ALL SELECT not_after FROM recent WHERE not_after > ? AND issued_at < ?)`
+		args = append(args, args...)
+	}
+	row := l.r.QueryRowContext(ctx, l.d.rebind(q), args...)
 	if err := row.Scan(&n, timeCol{&lastExpiry}); err != nil {
 		return 0, time.Time{}, unavailable(err)
 	}
