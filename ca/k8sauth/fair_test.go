@@ -11,6 +11,7 @@ import (
 	authnv1 "k8s.io/api/authentication/v1"
 
 	"github.com/meshid/meshid/ca/k8sauth"
+	"github.com/meshid/meshid/internal/poll"
 )
 
 // gate is an Authenticator whose checks block until released, recording
@@ -52,18 +53,6 @@ func (g *gate) startedCount() int {
 	return len(g.started)
 }
 
-// waitFor polls cond until it holds or 10 s pass.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond) // poll interval
-	}
-}
-
 func TestFair(t *testing.T) {
 	t.Run("at most Concurrency at once", func(t *testing.T) {
 		g := newGate()
@@ -73,7 +62,7 @@ func TestFair(t *testing.T) {
 			wg.Add(1)
 			go func() { defer wg.Done(); f.Authenticate(context.Background(), "t") }()
 		}
-		waitFor(t, "3 checks to start", func() bool { return g.startedCount() == 3 })
+		poll.Until(t, "3 checks to start", func() bool { return g.startedCount() == 3 })
 		close(g.release)
 		wg.Wait()
 		if g.most != 3 || len(g.started) != 10 {
@@ -93,7 +82,7 @@ func TestFair(t *testing.T) {
 			}()
 		}
 		check("busy", "first")
-		waitFor(t, "the first check to start", func() bool { return g.startedCount() == 1 })
+		poll.Until(t, "the first check to start", func() bool { return g.startedCount() == 1 })
 		// A busy peer queues five, then a quiet one queues one: the quiet
 		// one goes next after the busy one's first, not after all five.
 		for i, tok := range []string{"busy-1", "busy-2", "busy-3", "busy-4", "busy-5"} {
@@ -138,7 +127,7 @@ func TestFair(t *testing.T) {
 		var wg sync.WaitGroup
 		wg.Add(1)
 		go func() { defer wg.Done(); f.Authenticate(context.Background(), "holder") }()
-		waitFor(t, "the holder to start", func() bool { return g.startedCount() == 1 })
+		poll.Until(t, "the holder to start", func() bool { return g.startedCount() == 1 })
 		ctx, cancel := context.WithCancel(context.Background())
 		left := make(chan error, 1)
 		go func() { _, err := f.Authenticate(ctx, "leaver"); left <- err }()
@@ -162,7 +151,7 @@ func TestFair(t *testing.T) {
 // waitQueued waits until n checks wait for a slot, as Fair's metrics say.
 func waitQueued(t *testing.T, f *k8sauth.Fair, n int) {
 	t.Helper()
-	waitFor(t, "checks to queue", func() bool { return f.Queued() == n })
+	poll.Until(t, "checks to queue", func() bool { return f.Queued() == n })
 }
 
 func equal(a, b []string) bool {
@@ -220,11 +209,11 @@ func TestCacheRefusals(t *testing.T) {
 		var first atomic.Value
 		done.Add(2)
 		go func() { defer done.Done(); _, err := c.Authenticate(ctx1, "tok"); first.Store(err) }()
-		waitFor(t, "the check to start", func() bool { return g.startedCount() == 1 })
+		poll.Until(t, "the check to start", func() bool { return g.startedCount() == 1 })
 		go func() { defer done.Done(); c.Authenticate(ctx2, "tok") }()
-		waitFor(t, "the second request to join", func() bool { return c.Waiting() == 2 })
+		poll.Until(t, "the second request to join", func() bool { return c.Waiting() == 2 })
 		cancel1()
-		waitFor(t, "the first request to leave", func() bool { return first.Load() != nil })
+		poll.Until(t, "the first request to leave", func() bool { return first.Load() != nil })
 		g.mu.Lock()
 		checkCtx := g.ctxs[0]
 		g.mu.Unlock()

@@ -142,19 +142,14 @@ func (l *Ledger) Prune(ctx context.Context, expiredBefore time.Time) (int64, err
 	// is written again by the next record that names it.
 	l.ids.forget()
 	defer l.ids.forget()
-	if _, err := l.w.ExecContext(ctx, l.d.rebind(`DELETE FROM identities WHERE last_issued < ?
-		AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.spiffe_id = identities.spiffe_id)`+l.notInRecent()), cut); err != nil {
+	q := "DELETE FROM identities WHERE last_issued < ?"
+	for _, table := range l.tables() {
+		q += " AND NOT EXISTS (SELECT 1 FROM " + table + " c WHERE c.spiffe_id = identities.spiffe_id)"
+	}
+	if _, err := l.w.ExecContext(ctx, l.d.rebind(q), cut); err != nil {
 		return total, unavailable(err)
 	}
 	return total, nil
-}
-
-// notInRecent extends the identities prune to records not moved yet.
-func (l *Ledger) notInRecent() string {
-	if l.d == sqliteDialect {
-		return " AND NOT EXISTS (SELECT 1 FROM recent r WHERE r.spiffe_id = identities.spiffe_id)"
-	}
-	return ""
 }
 
 // pruneTable deletes the expired records of table in chunks.

@@ -81,7 +81,7 @@ func (l *Ledger) commitLoop() {
 			l.log.Debug("ledger: committed", "records", len(batch), "duration", time.Since(start))
 		}
 		l.answerBatch(batch, errs, err)
-		if l.d == sqliteDialect && l.moveDue(len(batch), err == nil) {
+		if l.newTable() != "certificates" && l.moveDue(len(batch), err == nil) {
 			if err := l.move(context.Background()); err != nil {
 				l.log.Error("ledger: moving records into the indexed table failed; they stay readable where they are", "error", err)
 			}
@@ -139,18 +139,18 @@ func (l *Ledger) moveDue(n int, committed bool) bool {
 	return l.hot >= moveEvery || (l.hot > 0 && time.Since(l.lastMove) > moveAfter)
 }
 
+// answerBatch tells each caller of batch how its record fared: err for
+// all of them, or else its own errs[i].
 func (l *Ledger) answerBatch(batch []*pending, errs []error, err error) {
-	{
-		for i, p := range batch {
-			e := err
-			if e == nil {
-				e = errs[i]
-			}
-			if e != nil && err == nil {
-				l.log.Error("ledger: record refused", "serial", p.r.Serial, "spiffe_id", p.r.SPIFFEID, "error", e)
-			}
-			p.done <- e
+	for i, p := range batch {
+		e := err
+		if e == nil {
+			e = errs[i]
 		}
+		if e != nil && err == nil {
+			l.log.Error("ledger: record refused", "serial", p.r.Serial, "spiffe_id", p.r.SPIFFEID, "error", e)
+		}
+		p.done <- e
 	}
 }
 
@@ -324,23 +324,24 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 	}
 	defer tx.Rollback()
 
-	inserted := make(map[string]bool, len(unique))
+	// stored: what the database holds for each serial of the batch, once
+	// it is known. With SQLite, a serial already moved into certificates is
+	// not inserted into recent again, only compared below.
+	stored := make(map[string]Record, len(unique))
 	toInsert := unique
-	if l.d == sqliteDialect {
-		// A serial already moved into certificates is judged like one in
-		// recent: not inserted again, compared below.
+	if l.newTable() != "certificates" {
 		serials := make([]string, len(unique))
 		for i, r := range unique {
 			serials[i] = r.Serial
 		}
-		moved := map[string]Record{}
-		if err := l.fetchFrom(ctx, tx, "certificates", serials, moved); err != nil {
+		if err := l.fetch(ctx, tx, "certificates", serials, stored); err != nil {
 			return nil, err
 		}
-		if len(moved) > 0 {
-			toInsert = slices.DeleteFunc(slices.Clone(unique), func(r *Record) bool { _, ok := moved[r.Serial]; return ok })
+		if len(stored) > 0 {
+			toInsert = slices.DeleteFunc(slices.Clone(unique), func(r *Record) bool { _, ok := stored[r.Serial]; return ok })
 		}
 	}
+	inserted := make(map[string]bool, len(toInsert))
 	for _, chunk := range powerChunks(toInsert) {
 		args := make([]any, 0, len(chunk)*13)
 		for _, r := range chunk {
@@ -354,9 +355,8 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 	if err != nil {
 		return nil, err
 	}
-	stored := make(map[string]Record, len(unique))
 	var missing []string
-	for _, r := range unique {
+	for _, r := range toInsert {
 		if inserted[r.Serial] {
 			stored[r.Serial] = *r
 		} else {
@@ -364,7 +364,7 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 		}
 	}
 	if len(missing) > 0 {
-		if err := l.fetch(ctx, tx, missing, stored); err != nil {
+		if err := l.fetch(ctx, tx, l.newTable(), missing, stored); err != nil {
 			return nil, err
 		}
 	}
@@ -490,18 +490,8 @@ func (c *identityCache) forget() {
 	c.mu.Unlock()
 }
 
-// fetch reads the stored records of serials into m.
-func (l *Ledger) fetch(ctx context.Context, tx *sql.Tx, serials []string, m map[string]Record) error {
-	for _, table := range l.tables() {
-		if err := l.fetchFrom(ctx, tx, table, serials, m); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// fetchFrom reads the records of serials stored in table into m.
-func (l *Ledger) fetchFrom(ctx context.Context, tx *sql.Tx, table string, serials []string, m map[string]Record) error {
+// fetch reads the records of serials stored in table into m.
+func (l *Ledger) fetch(ctx context.Context, tx *sql.Tx, table string, serials []string, m map[string]Record) error {
 	for chunk := range slices.Chunk(serials, rowsPerInsert) {
 		args := make([]any, len(chunk))
 		for i, s := range chunk {

@@ -22,7 +22,7 @@ func BulkInsert(ctx context.Context, l *Ledger, recs []Record) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	if l.d == sqliteDialect {
+	if l.newTable() != "certificates" {
 		return l.move(ctx)
 	}
 	return nil

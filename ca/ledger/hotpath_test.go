@@ -8,19 +8,8 @@ import (
 	"time"
 
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/internal/poll"
 )
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
 
 // TestCommitDelayIdleCommitsAtOnce: on an idle ledger a lone record does not
 // wait out the commit delay, however long it is.
@@ -56,7 +45,7 @@ func TestCommitDelayGroupsUnderLoad(t *testing.T) {
 		errs := make(chan error, 2)
 		for i, want := range []int{1, 2} {
 			go func() { errs <- l.Record(context.Background(), rec(10+i)) }()
-			waitFor(t, "the record to queue", func() bool { return ledger.Queued(l) == want })
+			poll.Until(t, "the record to queue", func() bool { return ledger.Queued(l) == want })
 		}
 		if err := l.Close(); err != nil {
 			t.Fatal(err)

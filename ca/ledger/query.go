@@ -144,10 +144,22 @@ func (l *Ledger) Certificates(ctx context.Context, f Filter) (Page, error) {
 // tables are where certificate records live: the indexed table, and for
 // SQLite the small unindexed one new records go to first.
 func (l *Ledger) tables() []string {
-	if l.d == sqliteDialect {
-		return []string{"certificates", "recent"}
+	if t := l.newTable(); t != "certificates" {
+		return []string{"certificates", t}
 	}
 	return []string{"certificates"}
+}
+
+// unionAll is q, a query of one table named {table}, over every table
+// records live in, with args repeated for each.
+func (l *Ledger) unionAll(q string, args ...any) (string, []any) {
+	var parts []string
+	var all []any
+	for _, t := range l.tables() {
+		parts = append(parts, strings.ReplaceAll(q, "{table}", t))
+		all = append(all, args...)
+	}
+	return strings.Join(parts, " UNION ALL "), all
 }
 
 type querier interface {
@@ -179,14 +191,7 @@ func (l *Ledger) Certificate(ctx context.Context, serial string) (Record, error)
 	if err := checkSerial(serial); err != nil {
 		return Record{}, errorf("certificate: %v", err)
 	}
-	q := "SELECT " + certColumns + " FROM certificates WHERE serial = ?"
-	if l.d == sqliteDialect {
-		q += " UNION ALL SELECT " + certColumns + " FROM recent WHERE serial = ?"
-	}
-	args := []any{serial}
-	if l.d == sqliteDialect {
-		args = append(args, serial)
-	}
+	q, args := l.unionAll("SELECT "+certColumns+" FROM {table} WHERE serial = ?", serial)
 	row := l.r.QueryRowContext(ctx, l.d.rebind(q), args...)
 	r, err := scanRecord(row)
 	switch {
@@ -214,20 +219,17 @@ func (l *Ledger) Identities(ctx context.Context, namespace string, now time.Time
 		validArgs = append(validArgs, namespace)
 		nsCond = " WHERE i.namespace = ?"
 	}
-	validRows := "SELECT spiffe_id, not_after FROM certificates WHERE " + valid
-	args := slices.Clone(validArgs)
+	validRows, args := l.unionAll("SELECT spiffe_id, not_after FROM {table} WHERE "+valid, validArgs...)
 	// The table's last_issued may lag by up to identityRefresh; the
 	// newest certificate (one index seek per identity) has the exact time
 	// while it is kept.
 	last := "COALESCE((SELECT MAX(c.issued_at) FROM certificates c WHERE c.spiffe_id = i.spiffe_id), i.last_issued)"
 	recentJoin := ""
-	if l.d == sqliteDialect {
+	if t := l.newTable(); t != "certificates" {
 		// Records not yet moved out of the small unindexed table: grouped
 		// once, not scanned per identity.
-		validRows += " UNION ALL SELECT spiffe_id, not_after FROM recent WHERE " + valid
-		args = append(args, validArgs...)
-		last = "max(" + last + ", COALESCE(rl.last, i.last_issued))"
-		recentJoin = " LEFT JOIN (SELECT spiffe_id, MAX(issued_at) AS last FROM recent GROUP BY spiffe_id) rl ON rl.spiffe_id = i.spiffe_id"
+		last = l.d.greatest + "(" + last + ", COALESCE(rl.last, i.last_issued))"
+		recentJoin = " LEFT JOIN (SELECT spiffe_id, MAX(issued_at) AS last FROM " + t + " GROUP BY spiffe_id) rl ON rl.spiffe_id = i.spiffe_id"
 	}
 	if namespace != "" {
 		args = append(args, namespace)
@@ -305,15 +307,8 @@ func (l *Ledger) Outstanding(ctx context.Context, cutoff, now time.Time) (n int,
 		return 0, time.Time{}, errorf("outstanding: cutoff and now must be set")
 	}
 	// not_after is indexed; certificates valid now are the few.
-	q := `SELECT COUNT(*), MAX(not_after) FROM certificates WHERE not_after > ? AND issued_at < ?`
-	args := []any{l.d.timeArg(now), l.d.timeArg(cutoff)}
-	if l.d == sqliteDialect {
-		q = `SELECT COUNT(*), MAX(not_after) FROM (
-			SELECT not_after FROM certificates WHERE not_after > ? AND issued_at < ?
-			UNION ALL SELECT not_after FROM recent WHERE not_after > ? AND issued_at < ?)`
-		args = append(args, args...)
-	}
-	row := l.r.QueryRowContext(ctx, l.d.rebind(q), args...)
+	valid, args := l.unionAll("SELECT not_after FROM {table} WHERE not_after > ? AND issued_at < ?", l.d.timeArg(now), l.d.timeArg(cutoff))
+	row := l.r.QueryRowContext(ctx, l.d.rebind("SELECT COUNT(*), MAX(not_after) FROM ("+valid+") u"), args...)
 	if err := row.Scan(&n, timeCol{&lastExpiry}); err != nil {
 		return 0, time.Time{}, unavailable(err)
 	}
