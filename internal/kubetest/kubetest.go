@@ -268,3 +268,67 @@ func (c *Cluster) KubeconfigFor(t testing.TB, ns, sa string) string {
 	}
 	return path
 }
+
+// Node creates a Node object named name. No kubelet runs it: pods with
+// spec.nodeName set to it are accepted and stay Pending.
+func (c *Cluster) Node(t testing.TB, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatalf("creating node %s: %v", name, err)
+	}
+}
+
+// Pod creates pod ns/name running as service account sa (created too, with
+// its namespace, if needed) on node ("" for none), and returns it.
+func (c *Cluster) Pod(t testing.TB, ns, name, sa, node string) *corev1.Pod {
+	t.Helper()
+	c.ServiceAccount(t, ns, sa)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p, err := c.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: sa,
+			NodeName:           node,
+			Containers:         []corev1.Container{{Name: "app", Image: "app"}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
+	}
+	return p
+}
+
+// DeletePod deletes pod ns/name at once (no kubelet holds it).
+func (c *Cluster) DeletePod(t testing.TB, ns, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	zero := int64(0)
+	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatalf("deleting pod %s/%s: %v", ns, name, err)
+	}
+}
+
+// PodToken asks the API server for a token of pod's service account bound
+// to pod, as a projected token volume holds, with the given audiences.
+func (c *Cluster) PodToken(t testing.TB, pod *corev1.Pod, audiences ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	expiry := int64(3600)
+	tr, err := c.Client.CoreV1().ServiceAccounts(pod.Namespace).CreateToken(ctx, pod.Spec.ServiceAccountName, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{
+			Audiences:         audiences,
+			ExpirationSeconds: &expiry,
+			BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("TokenRequest for pod %s/%s: %v", pod.Namespace, pod.Name, err)
+	}
+	return tr.Status.Token
+}
