@@ -191,7 +191,7 @@ func TestPruneMany(t *testing.T) {
 		if err != nil || n != int64(len(rs)) {
 			t.Errorf("Prune = %d, %v; want %d", n, err, len(rs))
 		}
-		if got := db.count(t, "certificates"); got != 0 {
+		if got := db.records(t); got != 0 {
 			t.Errorf("%d left", got)
 		}
 	})

@@ -195,7 +195,7 @@ func (l *Ledger) next() []*pending {
 // then a small part of its records'.
 const targetBatch = 32
 
-// rowsPerInsert keeps one INSERT's parameters (13 per row) well below the
+// rowsPerInsert keeps one INSERT's parameters (14 per row) well below the
 // limits of SQLite (32766) and PostgreSQL (65535).
 const rowsPerInsert = 500
 
@@ -255,7 +255,7 @@ func (l *Ledger) newTable() string {
 func (l *Ledger) certInsert(rows int) string {
 	q, ok := l.texts[-rows]
 	if !ok {
-		q = l.d.rebind("INSERT INTO " + l.newTable() + " (" + certColumns + ") VALUES " + values(rows, 13) +
+		q = l.d.rebind("INSERT INTO " + l.newTable() + " (" + certColumns + ") VALUES " + values(rows, certColumnCount) +
 			" ON CONFLICT (serial) DO NOTHING RETURNING serial")
 		l.texts[-rows] = q
 	}
@@ -288,11 +288,14 @@ func (l *Ledger) statements(n int) []string {
 	return qs
 }
 
-const certColumns = "serial, spiffe_id, namespace, service_account, pod_name, pod_uid, cluster_id, public_key_sha256, not_before, not_after, issuer_fingerprint, auth_method, issued_at"
+// certColumnCount is how many columns certColumns names.
+const certColumnCount = 14
+
+const certColumns = "serial, spiffe_id, namespace, service_account, pod_name, pod_uid, cluster_id, public_key_sha256, not_before, not_after, issuer_fingerprint, auth_method, issued_at, requested_by"
 
 func (l *Ledger) certArgs(args []any, r *Record) []any {
 	return append(args, r.Serial, r.SPIFFEID, r.Namespace, r.ServiceAccount, r.PodName, r.PodUID, r.ClusterID,
-		r.PublicKeySHA256, l.d.timeArg(r.NotBefore), l.d.timeArg(r.NotAfter), r.IssuerFingerprint, r.AuthMethod, l.d.timeArg(r.IssuedAt))
+		r.PublicKeySHA256, l.d.timeArg(r.NotBefore), l.d.timeArg(r.NotAfter), r.IssuerFingerprint, r.AuthMethod, l.d.timeArg(r.IssuedAt), r.RequestedBy)
 }
 
 // values is "(?, ?, …), (…)…": rows groups of cols placeholders.
@@ -343,7 +346,7 @@ func (l *Ledger) insert(ctx context.Context, recs []Record) (errs []error, err e
 	}
 	inserted := make(map[string]bool, len(toInsert))
 	for _, chunk := range powerChunks(toInsert) {
-		args := make([]any, 0, len(chunk)*13)
+		args := make([]any, 0, len(chunk)*certColumnCount)
 		for _, r := range chunk {
 			args = l.certArgs(args, r)
 		}
@@ -524,7 +527,8 @@ func sameRecord(a, b Record) bool {
 		a.ServiceAccount == b.ServiceAccount && a.PodName == b.PodName && a.PodUID == b.PodUID &&
 		a.ClusterID == b.ClusterID && a.PublicKeySHA256 == b.PublicKeySHA256 &&
 		a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) &&
-		a.IssuerFingerprint == b.IssuerFingerprint && a.AuthMethod == b.AuthMethod && a.IssuedAt.Equal(b.IssuedAt)
+		a.IssuerFingerprint == b.IssuerFingerprint && a.AuthMethod == b.AuthMethod && a.IssuedAt.Equal(b.IssuedAt) &&
+		a.RequestedBy == b.RequestedBy
 }
 
 // scanner is *sql.Row or *sql.Rows.
@@ -533,6 +537,6 @@ type scanner interface{ Scan(dest ...any) error }
 func scanRecord(s scanner) (Record, error) {
 	var r Record
 	err := s.Scan(&r.Serial, &r.SPIFFEID, &r.Namespace, &r.ServiceAccount, &r.PodName, &r.PodUID, &r.ClusterID,
-		&r.PublicKeySHA256, timeCol{&r.NotBefore}, timeCol{&r.NotAfter}, &r.IssuerFingerprint, &r.AuthMethod, timeCol{&r.IssuedAt})
+		&r.PublicKeySHA256, timeCol{&r.NotBefore}, timeCol{&r.NotAfter}, &r.IssuerFingerprint, &r.AuthMethod, timeCol{&r.IssuedAt}, &r.RequestedBy)
 	return r, err
 }

@@ -77,6 +77,18 @@ func (db testDB) count(tb testing.TB, table string) int {
 	return n
 }
 
+// records counts certificate records wherever they are (the indexed table
+// and the one new records land in), in one statement so that a move
+// between the two is seen whole.
+func (db testDB) records(tb testing.TB) int {
+	tb.Helper()
+	var n int
+	if err := db.raw(tb).QueryRow("SELECT (SELECT COUNT(*) FROM certificates) + (SELECT COUNT(*) FROM recent)").Scan(&n); err != nil {
+		tb.Fatal(err)
+	}
+	return n
+}
+
 // eachDB runs fn as the subtests sqlite and postgres, each on a fresh
 // database.
 func eachDB(t *testing.T, fn func(t *testing.T, db testDB)) {

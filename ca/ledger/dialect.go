@@ -15,7 +15,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
-	_ "modernc.org/sqlite" // database/sql driver "sqlite"
+	"modernc.org/sqlite" // database/sql driver "sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // dialect is everything that differs between SQLite and PostgreSQL. The rest
@@ -169,7 +170,7 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (w, r *sql.D
 	w.SetMaxIdleConns(1)
 	w.SetConnMaxIdleTime(0)
 	// The writer sets WAL mode in the file before any reader connects.
-	if err := w.PingContext(ctx); err != nil {
+	if err := pingSQLite(ctx, w); err != nil {
 		w.Close()
 		return nil, nil, unavailable(fmt.Errorf("sqlite: %w", err))
 	}
@@ -181,6 +182,26 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (w, r *sql.D
 	r.SetMaxOpenConns(sqliteReaders)
 	r.SetMaxIdleConns(sqliteReaders)
 	return w, r, nil
+}
+
+// pingSQLite opens w's connection, whose pragmas switch a new file to WAL
+// mode. Two processes opening one new file at once can meet in that switch,
+// where SQLite answers SQLITE_BUSY at once instead of waiting
+// (busy_timeout does not apply to it): retry for as long as busy_timeout.
+func pingSQLite(ctx context.Context, w *sql.DB) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := w.PingContext(ctx)
+		var se *sqlite.Error
+		if err == nil || !errors.As(err, &se) || se.Code()&0xff != sqlite3.SQLITE_BUSY || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // openPostgres opens a pool. The password that a DSN may hold is never put

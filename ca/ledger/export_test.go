@@ -2,8 +2,20 @@ package ledger
 
 import (
 	"context"
+	"database/sql"
 	"errors"
+	"log/slog"
 )
+
+// MigrateTo brings db (of driver "sqlite" or "postgres") to schema version
+// v, as an older meshid-ca left it.
+func MigrateTo(ctx context.Context, driver string, db *sql.DB, v int) error {
+	d := sqliteDialect
+	if driver == "postgres" {
+		d = postgresDialect
+	}
+	return migrateTo(ctx, d, db, slog.New(slog.DiscardHandler), v)
+}
 
 // BulkInsert is the tests' and benchmarks' fast path: recs in one
 // transaction, without the commit loop.

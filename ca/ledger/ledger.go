@@ -26,6 +26,11 @@ type Record struct {
 	IssuerFingerprint string // lower-case hex SHA-256 of the issuing CA certificate's DER
 	AuthMethod        string // "offline", "tokenreview" or "jwks"
 	IssuedAt          time.Time
+	// RequestedBy is the SPIFFE ID of the caller when it is not the
+	// identity's own: a node proxy (Istio ambient's ztunnel) asking for a
+	// workload on its node, which then holds the key. PodName and PodUID
+	// are then the node proxy's pod. "" when the holder asked itself.
+	RequestedBy string
 }
 
 // Denial cuts an identity off: no more issuance or renewal.

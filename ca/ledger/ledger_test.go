@@ -100,13 +100,14 @@ func TestRecordRefused(t *testing.T) {
 			{"bad key hash", func(r *ledger.Record) { r.PublicKeySHA256 = "abc" }, "PublicKeySHA256"},
 			{"upper-case fingerprint", func(r *ledger.Record) { r.IssuerFingerprint = strings.Repeat("CD", 32) }, "IssuerFingerprint"},
 			{"huge pod name", func(r *ledger.Record) { r.PodName = strings.Repeat("p", 2000) }, "PodName is longer"},
+			{"requested by no SPIFFE ID", func(r *ledger.Record) { r.RequestedBy = "istio-system/ztunnel" }, "RequestedBy"},
 		} {
 			err := l.Record(context.Background(), rec(1, tc.mod))
 			if err == nil || errors.Is(err, ledger.ErrUnavailable) || !strings.Contains(err.Error(), tc.msg) || !strings.HasPrefix(err.Error(), "ledger: ") {
 				t.Errorf("%s: Record = %v, want a refusal saying %q", tc.name, err, tc.msg)
 			}
 		}
-		if n := db.count(t, "certificates"); n != 0 {
+		if n := db.records(t); n != 0 {
 			t.Errorf("%d certificates written", n)
 		}
 		if n := db.count(t, "identities"); n != 0 {
@@ -345,7 +346,7 @@ func TestConcurrentOpen(t *testing.T) {
 		if got := db.count(t, "schema_migrations"); got != ledger.SchemaVersion {
 			t.Errorf("%d rows in schema_migrations, want %d", got, ledger.SchemaVersion)
 		}
-		if got := db.count(t, "certificates"); got != n {
+		if got := db.records(t); got != n {
 			t.Errorf("%d certificates, want %d", got, n)
 		}
 	})

@@ -82,10 +82,15 @@ var migrations = [][]string{
 			issued_at          {time} NOT NULL
 		)`,
 	},
+	{ // 3: who asked, when it is not the identity's holder itself: a node
+		// proxy (Istio ambient's ztunnel) asking for a workload on its node.
+		`ALTER TABLE certificates ADD COLUMN requested_by TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE recent ADD COLUMN requested_by TEXT NOT NULL DEFAULT ''`,
+	},
 }
 
 // schemaVersion is the schema this code writes and reads.
-const schemaVersion = 2
+const schemaVersion = 3
 
 func init() {
 	if len(migrations) != schemaVersion {
@@ -96,17 +101,23 @@ func init() {
 // migrate applies the migrations db lacks, each in its own transaction that
 // also records it in schema_migrations.
 func migrate(ctx context.Context, d *dialect, db *sql.DB, log *slog.Logger) error {
+	return migrateTo(ctx, d, db, log, schemaVersion)
+}
+
+// migrateTo applies the migrations up to version target (tests start from
+// older schemas with it).
+func migrateTo(ctx context.Context, d *dialect, db *sql.DB, log *slog.Logger, target int) error {
 	for {
-		done, err := migrateOne(ctx, d, db, log)
+		done, err := migrateOne(ctx, d, db, log, target)
 		if err != nil || done {
 			return err
 		}
 	}
 }
 
-// migrateOne applies the next migration, if any; done reports that the
-// schema is current.
-func migrateOne(ctx context.Context, d *dialect, db *sql.DB, log *slog.Logger) (done bool, err error) {
+// migrateOne applies the next migration up to target, if any; done reports
+// that the schema is at target.
+func migrateOne(ctx context.Context, d *dialect, db *sql.DB, log *slog.Logger, target int) (done bool, err error) {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return false, unavailable(fmt.Errorf("migrating: %w", err))
@@ -133,7 +144,7 @@ func migrateOne(ctx context.Context, d *dialect, db *sql.DB, log *slog.Logger) (
 	switch {
 	case v > schemaVersion:
 		return false, errorf("database schema version %d is newer than this meshid-ca knows (%d): upgrade meshid-ca, or point it at another database", v, schemaVersion)
-	case v == schemaVersion:
+	case v >= target:
 		return true, tx.Commit()
 	}
 	for _, stmt := range migrations[v] {

@@ -71,6 +71,11 @@ func normalize(r Record) (Record, error) {
 			return bad("%s is longer than %d bytes", f.name, maxText)
 		}
 	}
+	if r.RequestedBy != "" {
+		if _, err := spiffeid.FromString(r.RequestedBy); err != nil {
+			return bad("RequestedBy %.80q: %v", r.RequestedBy, err)
+		}
+	}
 	if !isSHA256(r.PublicKeySHA256) {
 		return bad("PublicKeySHA256 %.80q is not a lower-case hex SHA-256", r.PublicKeySHA256)
 	}
