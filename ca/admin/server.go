@@ -268,6 +268,7 @@ func certificatePB(r ledger.Record) *adminpb.Certificate {
 		IssuerFingerprint: r.IssuerFingerprint,
 		AuthMethod:        r.AuthMethod,
 		IssuedAt:          timestamp(r.IssuedAt),
+		RequestedBy:       r.RequestedBy,
 	}
 }
 

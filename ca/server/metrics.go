@@ -14,6 +14,7 @@ type Metrics struct {
 	ledgerWrites prometheus.Histogram
 	reloads      *prometheus.CounterVec
 	rateLimited  *prometheus.CounterVec
+	nodeProxy    *prometheus.CounterVec
 }
 
 // NewMetrics registers the CA's metrics with reg. The expiry gauges read
@@ -42,6 +43,10 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			Name: "meshid_ca_rate_limited_total",
 			Help: "Requests refused by a rate limit, by scope: pod (or identity, for tokens bound to no pod), namespace, global.",
 		}, []string{"scope"}),
+		nodeProxy: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_node_proxy_requests_total",
+			Help: "Requests naming an ImpersonatedIdentity (Istio ambient's ztunnel asking for a workload on its node), by result: allowed, unavailable, or the reason refused.",
+		}, []string{"result"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_plugin_reloads_total",
 			Help: "Reloads of a plug-in CA after its files changed, by result.",
@@ -60,7 +65,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited,
+	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

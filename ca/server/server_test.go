@@ -96,6 +96,7 @@ type envOptions struct {
 	globalLimit Limit
 	noIssuer    bool
 	ledger      Recorder // nil: a SQLite ledger in a temporary directory
+	nodeProxies NodeProxies
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -140,7 +141,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	svc, err := NewCertificateService(Config{
 		Authority: authority, Auth: authn, TrustDomain: td,
 		Limits: Limits{Pod: Limit{Rate: o.rateLimit, Burst: o.rateBurst}, Namespace: o.nsLimit, Global: o.globalLimit},
-		Ledger: rec, DenyList: e.denied,
+		Ledger: rec, DenyList: e.denied, NodeProxies: o.nodeProxies,
 		Metrics: e.metrics, Log: slog.New(slog.NewJSONHandler(e.logs, nil)),
 	})
 	if err != nil {

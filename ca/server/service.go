@@ -22,6 +22,7 @@ import (
 	"github.com/meshid/meshid/ca/csr"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/nodeauth"
 )
 
 // Messages returned to clients. Short and stable: clients and tests may match
@@ -34,7 +35,9 @@ const (
 	msgNamespaceLimit  = "rate limit exceeded for this namespace"
 	msgGlobalLimit     = "CA-wide rate limit exceeded"
 	msgNegativeTTL     = "validity_duration must not be negative"
-	msgImpersonation   = "impersonation is not supported"
+	msgImpersonation   = "impersonation is not supported: this CA has no node proxies (--node-proxy-service-accounts)"
+	msgImpersonationNo = "impersonation refused"
+	msgNodeProxyWait   = "node proxy check unavailable"
 	msgNotReady        = "CA not ready"
 	msgSignFailed      = "signing failed"
 	msgDenied          = "identity denied by an administrator"
@@ -57,6 +60,12 @@ type DenyList interface {
 	Guard() (release func())
 }
 
+// NodeProxies decides whether a node proxy may have the certificate of the
+// identity it names in ImpersonatedIdentity; *nodeauth.Authorizer is one.
+type NodeProxies interface {
+	Authorize(caller k8sauth.Caller, requested string) (nodeauth.Workload, error)
+}
+
 // Config wires a [CertificateService].
 type Config struct {
 	Authority   *ca.Authority
@@ -67,9 +76,12 @@ type Config struct {
 	// cannot, nothing is returned (Unavailable).
 	Ledger   Recorder
 	DenyList DenyList
-	Metrics  *Metrics
-	Log      *slog.Logger
-	Now      func() time.Time // nil means time.Now
+	// NodeProxies, when set, lets node proxies ask for the workloads on
+	// their node; nil refuses every ImpersonatedIdentity.
+	NodeProxies NodeProxies
+	Metrics     *Metrics
+	Log         *slog.Logger
+	Now         func() time.Time // nil means time.Now
 }
 
 // CertificateService implements Istio's CreateCertificate.
@@ -82,6 +94,7 @@ type CertificateService struct {
 	limiter   *limiter
 	ledger    Recorder
 	denyList  DenyList
+	nodeAuth  NodeProxies
 	metrics   *Metrics
 	log       *slog.Logger
 	now       func() time.Time
@@ -109,6 +122,7 @@ func NewCertificateService(cfg Config) (*CertificateService, error) {
 		td:        cfg.TrustDomain,
 		ledger:    cfg.Ledger,
 		denyList:  cfg.DenyList,
+		nodeAuth:  cfg.NodeProxies,
 		metrics:   cfg.Metrics,
 		log:       cfg.Log,
 		now:       cfg.Now,
@@ -162,16 +176,24 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		return nil, status.Error(codes.Unauthenticated, msgAuthFailed)
 	}
 	log := s.log.With("spiffe_id", id.String(), "pod", podRef(caller))
-	if _, ok := req.GetMetadata().GetFields()["ImpersonatedIdentity"]; ok {
-		log.Warn("request refused", "reason", "impersonation")
-		return nil, status.Error(codes.PermissionDenied, msgImpersonation)
+	// holder is the identity the certificate is for: the caller's own, or
+	// for a node proxy the workload's it names.
+	holder := nodeauth.Workload{ID: id, Namespace: caller.Namespace, ServiceAccount: caller.ServiceAccount}
+	var requestedBy string
+	if v, ok := req.GetMetadata().GetFields()["ImpersonatedIdentity"]; ok {
+		w, err := s.impersonate(caller, v.GetStringValue(), log)
+		if err != nil {
+			return nil, err
+		}
+		holder, requestedBy = w, id.String()
+		log = log.With("for", w.ID.String())
 	}
 	defer s.denyList.Guard()()
-	if s.denyList.Denied(id.String()) {
+	if s.denied(holder.ID, requestedBy) {
 		log.Warn("request refused", "reason", "denied")
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
-	if ok, scope := s.limiter.allow(limitKey(id, caller), caller.Namespace); !ok {
+	if ok, scope := s.limiter.allow(limitKey(holder.ID, caller, requestedBy != ""), holder.Namespace); !ok {
 		s.metrics.rateLimited.WithLabelValues(scope).Inc()
 		log.Warn("request refused", "reason", "rate_limited", "scope", scope)
 		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
@@ -181,7 +203,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, msgNegativeTTL)
 	}
-	pub, err := csr.Validate([]byte(req.GetCsr()), id)
+	pub, err := csr.Validate([]byte(req.GetCsr()), holder.ID)
 	if err != nil {
 		log.Warn("request refused", "reason", "csr", "error", err)
 		if errors.Is(err, csr.ErrNotCaller) {
@@ -189,7 +211,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		}
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	cert, err := s.authority.Issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
+	cert, err := s.authority.Issue(ca.Request{ID: holder.ID, PublicKey: pub, TTL: ttl})
 	if err != nil {
 		if errors.Is(err, ca.ErrNoIssuer) {
 			return nil, status.Error(codes.Unavailable, msgNotReady)
@@ -198,7 +220,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		return nil, status.Error(codes.Internal, msgSignFailed)
 	}
 	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
-	rec := record(cert, id, caller, clusterID(md), s.now())
+	rec := record(cert, holder, caller, requestedBy, clusterID(md), s.now())
 	start := s.now()
 	err = s.ledger.Record(ctx, rec)
 	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
@@ -210,7 +232,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		}
 		return nil, status.Error(codes.Internal, msgNotRecorded)
 	}
-	if s.denyList.Denied(id.String()) {
+	if s.denied(holder.ID, requestedBy) {
 		// Denied while it was being signed: recorded, never returned.
 		log.Warn("request refused", "reason", "denied", "serial", serial)
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
@@ -222,15 +244,49 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	return &pb.IstioCertificateResponse{CertChain: cert.ChainPEM}, nil
 }
 
-// record is the ledger's entry for cert: who it was issued to, how they
-// proved it, and nothing secret.
-func record(cert *ca.Certificate, id spiffeid.ID, caller k8sauth.Caller, cluster string, now time.Time) ledger.Record {
+// impersonate decides a node proxy's request for the identity requested
+// (its ImpersonatedIdentity), returning the workload or the gRPC error.
+func (s *CertificateService) impersonate(caller k8sauth.Caller, requested string, log *slog.Logger) (nodeauth.Workload, error) {
+	if s.nodeAuth == nil {
+		s.metrics.nodeProxy.WithLabelValues("not_enabled").Inc()
+		log.Warn("request refused", "reason", "impersonation", "detail", "no node proxies configured")
+		return nodeauth.Workload{}, status.Error(codes.PermissionDenied, msgImpersonation)
+	}
+	w, err := s.nodeAuth.Authorize(caller, requested)
+	var refused *nodeauth.Error
+	switch {
+	case err == nil:
+		s.metrics.nodeProxy.WithLabelValues("allowed").Inc()
+		return w, nil
+	case errors.Is(err, nodeauth.ErrUnavailable):
+		s.metrics.nodeProxy.WithLabelValues("unavailable").Inc()
+		log.Warn("node proxy request not decided", "error", err)
+		return nodeauth.Workload{}, status.Error(codes.Unavailable, msgNodeProxyWait)
+	case errors.As(err, &refused):
+		s.metrics.nodeProxy.WithLabelValues(refused.Reason).Inc()
+	default:
+		s.metrics.nodeProxy.WithLabelValues("error").Inc()
+	}
+	log.Warn("request refused", "reason", "impersonation", "error", err)
+	return nodeauth.Workload{}, status.Error(codes.PermissionDenied, msgImpersonationNo)
+}
+
+// denied says whether the holder, or the node proxy asking for it, is cut
+// off.
+func (s *CertificateService) denied(holder spiffeid.ID, requestedBy string) bool {
+	return s.denyList.Denied(holder.String()) || (requestedBy != "" && s.denyList.Denied(requestedBy))
+}
+
+// record is the ledger's entry for cert: whose it is, who asked and how
+// they proved it, and nothing secret.
+func record(cert *ca.Certificate, holder nodeauth.Workload, caller k8sauth.Caller, requestedBy, cluster string, now time.Time) ledger.Record {
 	spki := sha256.Sum256(cert.Leaf.RawSubjectPublicKeyInfo)
 	return ledger.Record{
 		Serial:            fmt.Sprintf("%x", cert.Leaf.SerialNumber),
-		SPIFFEID:          id.String(),
-		Namespace:         caller.Namespace,
-		ServiceAccount:    caller.ServiceAccount,
+		SPIFFEID:          holder.ID.String(),
+		Namespace:         holder.Namespace,
+		ServiceAccount:    holder.ServiceAccount,
+		RequestedBy:       requestedBy,
 		PodName:           caller.PodName,
 		PodUID:            caller.PodUID,
 		ClusterID:         cluster,
@@ -266,8 +322,12 @@ func requestedTTL(seconds int64) (time.Duration, error) {
 // limitKey is what the rate limit counts by: the pod a token is bound to,
 // so that a Deployment of a thousand replicas restarting at once is not
 // held back by its one service account, while one pod asking in a loop is;
-// the identity for tokens bound to no pod.
-func limitKey(id spiffeid.ID, c k8sauth.Caller) string {
+// the identity for tokens bound to no pod. A node proxy asks for every
+// workload on its node: its pod and the workload's identity together.
+func limitKey(id spiffeid.ID, c k8sauth.Caller, forOther bool) string {
+	if forOther {
+		return "pod:" + c.PodUID + "/" + id.String()
+	}
 	if c.PodUID != "" {
 		return "pod:" + c.PodUID
 	}

@@ -34,6 +34,7 @@ import (
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/nodeauth"
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
@@ -166,6 +167,20 @@ func run(ctx context.Context, o *options) error {
 		go prune(ctx)
 	}
 
+	var (
+		nodePods    *nodeauth.Watcher
+		nodeProxies server.NodeProxies
+	)
+	if len(o.nodeProxies) > 0 {
+		nodePods = nodeauth.Watch(ctx, kube, log)
+		a, err := nodeauth.New(o.td, o.nodeProxies, nodePods)
+		if err != nil {
+			return err
+		}
+		nodeProxies = a
+		log.Info("node proxies may ask for the workloads on their node", "service_accounts", o.nodeProxySAs)
+	}
+
 	svc, err := server.NewCertificateService(server.Config{
 		Authority:   authority,
 		Auth:        authn,
@@ -173,6 +188,7 @@ func run(ctx context.Context, o *options) error {
 		Limits:      o.limits(),
 		Ledger:      issuanceRecorder(led, o.recordNothing),
 		DenyList:    denyList,
+		NodeProxies: nodeProxies,
 		Metrics:     metrics,
 		Log:         log,
 	})
@@ -252,6 +268,9 @@ func run(ctx context.Context, o *options) error {
 		// reviews answer correctly meanwhile.
 		if objects != nil && !objects.Synced() && time.Since(started) < objectsSyncWait {
 			return errors.New("pods and service accounts not listed yet")
+		}
+		if nodePods != nil && !nodePods.Synced() && time.Since(started) < objectsSyncWait {
+			return errors.New("pods not listed yet for node proxies")
 		}
 		return nil
 	}

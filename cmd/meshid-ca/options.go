@@ -16,6 +16,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/nodeauth"
 	"github.com/meshid/meshid/ca/server"
 )
 
@@ -90,6 +91,8 @@ type options struct {
 	adminAddr       string
 	adminIDs        []string
 	adminSAs        []string
+	nodeProxySAs    []string
+	nodeProxies     []nodeauth.Account
 	denyRefresh     time.Duration
 	bundleConfigMap string
 	leaderLease     string
@@ -161,6 +164,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.adminAddr, "admin-addr", ":15013", "address of the admin API (gRPC, TLS; meshidctl talks to it); served only when --admin-ids or --admin-service-accounts name someone; empty disables")
 	fs.StringSliceVar(&o.adminIDs, "admin-ids", nil, "SPIFFE IDs whose client certificates (issued by this CA) may use the admin API")
 	fs.StringSliceVar(&o.adminSAs, "admin-service-accounts", nil, "service accounts (namespace/name) whose tokens may use the admin API")
+	fs.StringSliceVar(&o.nodeProxySAs, "node-proxy-service-accounts", nil, "service accounts (namespace/name) of node proxies, e.g. istio-system/ztunnel (Istio ambient mode): their pods may ask for the certificate of any workload with a pod on their node (ImpersonatedIdentity); empty refuses every such request. Watches all pods")
 	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
 	fs.StringVar(&o.bundleConfigMap, "bundle-configmap", "istio-ca-root-cert", "ConfigMap (key root-cert.pem) the leader keeps in every namespace with the roots trusted now; empty disables. Needs the API server (not reached with --auth=jwks and --ca-source dir or plugin)")
 	fs.DurationVar(&o.caSync, "ca-sync-interval", 30*time.Second, "how often the stored CA is re-read for changes made elsewhere (another replica's intermediate renewal, a root rotation step); a root rotation waits this long after each step")
@@ -340,6 +344,9 @@ func (o *options) complete() error {
 			bad("--admin-service-accounts: %q is not namespace/name", sa)
 		}
 	}
+	if o.nodeProxies, err = nodeauth.ParseAccounts(o.nodeProxySAs); err != nil {
+		bad("--node-proxy-service-accounts: %v", err)
+	}
 	if o.caSync <= 0 {
 		bad("--ca-sync-interval must be positive")
 	}
@@ -380,7 +387,7 @@ func (o *options) complete() error {
 
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || o.auth != authJWKS
+	return o.caSource == sourceSecret || o.auth != authJWKS || len(o.nodeProxySAs) > 0
 }
 
 func (o *options) limits() server.Limits {

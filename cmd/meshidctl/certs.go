@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -27,6 +28,7 @@ type certRow struct {
 	IssuerFingerprint string    `json:"issuer_fingerprint"`
 	AuthMethod        string    `json:"auth_method"`
 	IssuedAt          time.Time `json:"issued_at"`
+	RequestedBy       string    `json:"requested_by,omitempty"`
 }
 
 func certFromPB(c *adminpb.Certificate) certRow {
@@ -35,6 +37,7 @@ func certFromPB(c *adminpb.Certificate) certRow {
 		PodName: c.GetPodName(), PodUID: c.GetPodUid(), ClusterID: c.GetClusterId(), PublicKeySHA256: c.GetPublicKeySha256(),
 		NotBefore: c.GetNotBefore().AsTime().UTC(), NotAfter: c.GetNotAfter().AsTime().UTC(),
 		IssuerFingerprint: c.GetIssuerFingerprint(), AuthMethod: c.GetAuthMethod(), IssuedAt: c.GetIssuedAt().AsTime().UTC(),
+		RequestedBy: c.GetRequestedBy(),
 	}
 }
 
@@ -138,14 +141,30 @@ func parseSince(s string, now time.Time) (time.Time, error) {
 }
 
 func certsTable(w io.Writer, rows []certRow, now time.Time) error {
-	t := newTable(w, "SERIAL", "SPIFFE ID", "POD", "ISSUED", "EXPIRES", "AUTH")
+	t := newTable(w, "SERIAL", "SPIFFE ID", "POD", "REQUESTED BY", "ISSUED", "EXPIRES", "AUTH")
 	for _, r := range rows {
-		pod := "-"
+		pod, by := "-", "-"
 		if r.PodName != "" {
 			pod = r.PodName
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Serial, r.SPIFFEID, pod,
+		if r.RequestedBy != "" {
+			// A node proxy's pod, in the node proxy's namespace.
+			by = requesterName(r.RequestedBy)
+			pod = strings.SplitN(by, "/", 2)[0] + "/" + pod
+		}
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Serial, r.SPIFFEID, pod, by,
 			humanDuration(now.Sub(r.IssuedAt))+" ago", timeLeft(r.NotAfter, now), r.AuthMethod)
 	}
 	return t.Flush()
+}
+
+// requesterName is namespace/name for a requester's ID
+// spiffe://<td>/ns/<namespace>/sa/<name>, else the ID as it is.
+func requesterName(id string) string {
+	_, path, ok := strings.Cut(strings.TrimPrefix(id, "spiffe://"), "/")
+	seg := strings.Split(path, "/")
+	if !ok || len(seg) != 4 || seg[0] != "ns" || seg[2] != "sa" {
+		return id
+	}
+	return seg[1] + "/" + seg[3]
 }

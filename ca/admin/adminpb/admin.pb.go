@@ -46,8 +46,13 @@ type Certificate struct {
 	IssuerFingerprint string                 `protobuf:"bytes,11,opt,name=issuer_fingerprint,json=issuerFingerprint,proto3" json:"issuer_fingerprint,omitempty"` // hex SHA-256 of the issuing CA certificate
 	AuthMethod        string                 `protobuf:"bytes,12,opt,name=auth_method,json=authMethod,proto3" json:"auth_method,omitempty"`                      // tokenreview or jwks
 	IssuedAt          *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The caller's SPIFFE ID when it is not the holder of spiffe_id: a node
+	// proxy (Istio ambient's ztunnel) that asked for a workload on its node
+	// and holds the key; pod_name and pod_uid are then the node proxy's pod.
+	// Empty when the holder asked itself.
+	RequestedBy   string `protobuf:"bytes,14,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Certificate) Reset() {
@@ -169,6 +174,13 @@ func (x *Certificate) GetIssuedAt() *timestamppb.Timestamp {
 		return x.IssuedAt
 	}
 	return nil
+}
+
+func (x *Certificate) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
 }
 
 type ListCertificatesRequest struct {
@@ -1431,7 +1443,7 @@ var File_ca_admin_adminpb_admin_proto protoreflect.FileDescriptor
 
 const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x1cca/admin/adminpb/admin.proto\x12\x0fmeshid.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x04\n" +
+	"\x1cca/admin/adminpb/admin.proto\x12\x0fmeshid.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x04\n" +
 	"\vCertificate\x12\x16\n" +
 	"\x06serial\x18\x01 \x01(\tR\x06serial\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1c\n" +
@@ -1449,7 +1461,8 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\x12issuer_fingerprint\x18\v \x01(\tR\x11issuerFingerprint\x12\x1f\n" +
 	"\vauth_method\x18\f \x01(\tR\n" +
 	"authMethod\x127\n" +
-	"\tissued_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\bissuedAt\"\xe5\x02\n" +
+	"\tissued_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\bissuedAt\x12!\n" +
+	"\frequested_by\x18\x0e \x01(\tR\vrequestedBy\"\xe5\x02\n" +
 	"\x17ListCertificatesRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x19\n" +
