@@ -34,6 +34,10 @@ type Caller struct {
 	PodUID         string    // likewise
 	Expiry         time.Time // when the token stops being valid; zero if unknown
 	Method         Method
+	// Cluster is the ID of the cluster whose API server (or keys) verified
+	// the token, when the authenticator knows several (multicluster); ""
+	// otherwise.
+	Cluster string
 }
 
 // ID is the caller's SPIFFE ID in trust domain td.
@@ -86,6 +90,10 @@ func (e *Error) Is(target error) bool {
 func refused(reason, detail string) error {
 	return &Error{Reason: reason, Detail: detail}
 }
+
+// Unavailable marks err as a failure to judge tokens (errors.Is
+// ErrUnavailable), for authenticators outside this package.
+func Unavailable(err error) error { return unavailable(err) }
 
 func unavailable(err error) error {
 	return &Error{Reason: "unavailable", Err: err, unavailable: true}

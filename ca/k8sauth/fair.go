@@ -164,6 +164,20 @@ func WithPeer(ctx context.Context, peer string) context.Context {
 	return context.WithValue(ctx, peerKey{}, peer)
 }
 
+type clusterKey struct{}
+
+// WithCluster records in ctx the cluster a caller says its token is from
+// (Istio's clusterid header), for an authenticator that knows several.
+func WithCluster(ctx context.Context, clusterID string) context.Context {
+	return context.WithValue(ctx, clusterKey{}, clusterID)
+}
+
+// ClusterFrom is what WithCluster recorded, "" if nothing.
+func ClusterFrom(ctx context.Context) string {
+	c, _ := ctx.Value(clusterKey{}).(string)
+	return c
+}
+
 func peerFrom(ctx context.Context) string {
 	p, _ := ctx.Value(peerKey{}).(string)
 	return p

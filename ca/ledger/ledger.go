@@ -19,7 +19,7 @@ type Record struct {
 	ServiceAccount    string
 	PodName           string // "" when the token was not bound to a pod
 	PodUID            string
-	ClusterID         string // as the caller claimed it (Istio's clusterid header); not verified
+	ClusterID         string // the cluster that verified the token (meshid-ca's --cluster-id for its own); before schema 3, as the caller claimed it
 	PublicKeySHA256   string // lower-case hex SHA-256 of the leaf's SubjectPublicKeyInfo DER
 	NotBefore         time.Time
 	NotAfter          time.Time

@@ -82,18 +82,21 @@ type Pods interface {
 
 // Authorizer decides node proxies' requests.
 type Authorizer struct {
+	cluster string
 	td      spiffeid.TrustDomain
 	proxies map[Account]bool
 	pods    Pods
 }
 
 // New returns an Authorizer for the node proxies in proxies, none of which
-// may be empty, in trust domain td.
-func New(td spiffeid.TrustDomain, proxies []Account, pods Pods) (*Authorizer, error) {
+// may be empty, in trust domain td, with pods of the cluster named cluster
+// (callers verified by another cluster are refused: their pods are not
+// watched).
+func New(cluster string, td spiffeid.TrustDomain, proxies []Account, pods Pods) (*Authorizer, error) {
 	if td.IsZero() || len(proxies) == 0 || pods == nil {
 		return nil, errors.New("nodeauth: New needs a trust domain, node proxy accounts and pods")
 	}
-	a := &Authorizer{td: td, proxies: map[Account]bool{}, pods: pods}
+	a := &Authorizer{cluster: cluster, td: td, proxies: map[Account]bool{}, pods: pods}
 	for _, p := range proxies {
 		a.proxies[p] = true
 	}
@@ -111,6 +114,9 @@ func (a *Authorizer) Authorize(caller k8sauth.Caller, requested string) (Workloa
 	account := Account{Namespace: caller.Namespace, Name: caller.ServiceAccount}
 	if !a.proxies[account] {
 		return Workload{}, refuse("not_node_proxy", "%s is not a node proxy's service account", account)
+	}
+	if caller.Cluster != "" && caller.Cluster != a.cluster {
+		return Workload{}, refuse("remote_cluster", "node proxies of cluster %.64q: only this cluster's (%s) pods are watched", caller.Cluster, a.cluster)
 	}
 	w, err := a.parse(requested)
 	if err != nil {

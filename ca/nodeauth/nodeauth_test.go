@@ -58,7 +58,7 @@ func TestAuthorize(t *testing.T) {
 		t.Fatal(err)
 	}
 	pods := nodeauth.Watch(ctx, c.Client, nil)
-	a, err := nodeauth.New(td, proxies, pods)
+	a, err := nodeauth.New("Kubernetes", td, proxies, pods)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,6 +102,9 @@ func TestAuthorize(t *testing.T) {
 		t.Fatal(err)
 	}
 	refused("token bound to no pod", plain, web, "token_not_pod_bound")
+	remote := zA
+	remote.Cluster = "cluster-2"
+	refused("node proxy of another cluster", remote, web, "remote_cluster")
 
 	// The workload's pod on the node is deleted: refused once the watch
 	// has seen it go.
@@ -140,7 +143,7 @@ func (stubPods) Synced() bool                         { return false }
 // TestAuthorizeBeforeTheList: nothing is decided before pods are listed;
 // the caller is told to retry (ErrUnavailable), not refused.
 func TestAuthorizeBeforeTheList(t *testing.T) {
-	a, err := nodeauth.New(td, []nodeauth.Account{{Namespace: "istio-system", Name: "ztunnel"}}, stubPods{})
+	a, err := nodeauth.New("Kubernetes", td, []nodeauth.Account{{Namespace: "istio-system", Name: "ztunnel"}}, stubPods{})
 	if err != nil {
 		t.Fatal(err)
 	}

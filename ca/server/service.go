@@ -160,7 +160,8 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		s.log.Warn("request refused", "reason", "no_token", "error", err)
 		return nil, status.Error(codes.Unauthenticated, msgNoToken)
 	}
-	caller, err := s.auth.Authenticate(k8sauth.WithPeer(ctx, peerAddress(ctx)), token)
+	claimed := clusterID(md)
+	caller, err := s.auth.Authenticate(k8sauth.WithCluster(k8sauth.WithPeer(ctx, peerAddress(ctx)), claimed), token)
 	if err != nil {
 		reason := k8sauth.Reason(err)
 		s.metrics.authFailures.WithLabelValues(reason).Inc()
@@ -220,7 +221,11 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		return nil, status.Error(codes.Internal, msgSignFailed)
 	}
 	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
-	rec := record(cert, holder, caller, requestedBy, clusterID(md), s.now())
+	cluster := caller.Cluster // the cluster that verified the token
+	if cluster == "" {
+		cluster = claimed // an authenticator that knows one cluster and no name for it
+	}
+	rec := record(cert, holder, caller, requestedBy, cluster, s.now())
 	start := s.now()
 	err = s.ledger.Record(ctx, rec)
 	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())

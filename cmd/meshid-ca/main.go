@@ -34,6 +34,7 @@ import (
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/multicluster"
 	"github.com/meshid/meshid/ca/nodeauth"
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
@@ -95,10 +96,24 @@ func run(ctx context.Context, o *options) error {
 		}
 	}
 
-	authn, objects, err := newAuthenticator(ctx, o, kube, kubeCfg, k8sauth.NewMetrics(reg, "meshid_ca"), log)
+	authMetrics := k8sauth.NewMetrics(reg, "meshid_ca")
+	local, objects, err := newAuthenticator(ctx, o, kube, kubeCfg, authMetrics, log)
 	if err != nil {
 		return err
 	}
+	router := &multicluster.Router{LocalID: o.clusterID, Local: local, Log: log}
+	var remotes *multicluster.Remotes
+	if o.remoteSelector != "" {
+		if remotes, err = remoteClusters(ctx, o, kube, authMetrics, log); err != nil {
+			return err
+		}
+		router.Remotes = remotes
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "meshid_ca_remote_clusters",
+			Help: "Remote clusters whose callers this CA authenticates (--remote-secret-selector).",
+		}, func() float64 { return float64(len(remotes.Clusters())) }))
+	}
+	var authn k8sauth.Authenticator = router
 
 	var issuers keys.Source
 	metrics := server.NewMetrics(reg, &issuers)
@@ -173,7 +188,7 @@ func run(ctx context.Context, o *options) error {
 	)
 	if len(o.nodeProxies) > 0 {
 		nodePods = nodeauth.Watch(ctx, kube, log)
-		a, err := nodeauth.New(o.td, o.nodeProxies, nodePods)
+		a, err := nodeauth.New(o.clusterID, o.td, o.nodeProxies, nodePods)
 		if err != nil {
 			return err
 		}
@@ -268,6 +283,9 @@ func run(ctx context.Context, o *options) error {
 		// reviews answer correctly meanwhile.
 		if objects != nil && !objects.Synced() && time.Since(started) < objectsSyncWait {
 			return errors.New("pods and service accounts not listed yet")
+		}
+		if remotes != nil && !remotes.Synced() && time.Since(started) < objectsSyncWait {
+			return errors.New("remote cluster Secrets not listed yet")
 		}
 		if nodePods != nil && !nodePods.Synced() && time.Since(started) < objectsSyncWait {
 			return errors.New("pods not listed yet for node proxies")
@@ -377,6 +395,15 @@ func run(ctx context.Context, o *options) error {
 			leader.Run(ctx, func(ctx context.Context) {
 				if prune != nil {
 					go prune(ctx)
+				}
+				if o.remoteBundles {
+					remotes.Each(ctx, func(ctx context.Context, id string, client kubernetes.Interface) {
+						log := log.With("cluster", id)
+						remote := &distribute.ConfigMaps{Client: client, Name: o.bundleConfigMap, Log: log, Roots: roots}
+						if err := remote.Run(ctx); err != nil && ctx.Err() == nil {
+							log.Error("distributing the trust bundle to a remote cluster failed", "error", err)
+						}
+					})
 				}
 				if err := cms.Run(ctx); err != nil {
 					log.Error("distributing the trust bundle failed", "error", err)
@@ -590,21 +617,10 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 	)
 	switch o.auth {
 	case authKubernetes, authTokenReview:
-		reviewCfg := rest.CopyConfig(cfg)
-		reviewCfg.QPS, reviewCfg.Burst = o.reviewQPS, o.reviewBurst
-		reviews, err := kubernetes.NewForConfig(reviewCfg)
+		k, err := clusterAuthenticator(ctx, o, kube, cfg, metrics, log)
 		if err != nil {
-			return nil, nil, fmt.Errorf("kubernetes client: %w", err)
+			return nil, nil, err
 		}
-		review := &k8sauth.Fair{
-			Auth:        &k8sauth.TokenReview{Client: reviews.AuthenticationV1(), Audiences: o.audiences, Metrics: metrics},
-			Concurrency: o.reviewConcurrency,
-			PerPeer:     reviewQueuePerPeer,
-			Metrics:     metrics,
-		}
-		disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
-		disc.Start(ctx, log)
-		k := &k8sauth.Kubernetes{Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Review: review, Metrics: metrics}
 		if o.auth == authKubernetes {
 			md, err := metadata.NewForConfig(cfg)
 			if err != nil {
@@ -630,9 +646,53 @@ func newAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface
 		}
 		authn = &k8sauth.JWKS{Issuer: o.tokenIssuer, Audiences: o.audiences, Keys: ks, Leeway: 30 * time.Second}
 	}
+	return tokenCache(o, authn, metrics), objects, nil
+}
+
+func tokenCache(o *options, authn k8sauth.Authenticator, metrics *k8sauth.Metrics) *k8sauth.Cache {
 	return k8sauth.NewCache(authn, k8sauth.CacheConfig{
 		TTL: o.tokenCacheTTL, NegativeTTL: o.tokenNegativeCacheTTL, Size: o.tokenCacheSize, Metrics: metrics,
-	}), objects, nil
+	})
+}
+
+// clusterAuthenticator checks tokens of the cluster cfg reaches: what the
+// claims or the cluster's keys condemn is refused here, the rest goes to a
+// TokenReview (--token-review-*), shared fairly between clients.
+func clusterAuthenticator(ctx context.Context, o *options, kube kubernetes.Interface, cfg *rest.Config, metrics *k8sauth.Metrics, log *slog.Logger) (*k8sauth.Kubernetes, error) {
+	reviewCfg := rest.CopyConfig(cfg)
+	reviewCfg.QPS, reviewCfg.Burst = o.reviewQPS, o.reviewBurst
+	reviews, err := kubernetes.NewForConfig(reviewCfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	review := &k8sauth.Fair{
+		Auth:        &k8sauth.TokenReview{Client: reviews.AuthenticationV1(), Audiences: o.audiences, Metrics: metrics},
+		Concurrency: o.reviewConcurrency,
+		PerPeer:     reviewQueuePerPeer,
+		Metrics:     metrics,
+	}
+	disc := k8sauth.NewDiscovery(kube.Discovery().RESTClient())
+	disc.Start(ctx, log)
+	return &k8sauth.Kubernetes{Audiences: o.audiences, Issuer: disc.Issuer, Keys: disc, Review: review, Metrics: metrics}, nil
+}
+
+// remoteClusters watches --remote-secret-selector's Secrets; each remote
+// cluster's tokens are checked as --auth=tokenreview checks them (its keys,
+// then a TokenReview on its API server), behind a token cache of its own.
+func remoteClusters(ctx context.Context, o *options, kube kubernetes.Interface, metrics *k8sauth.Metrics, log *slog.Logger) (*multicluster.Remotes, error) {
+	build := func(ctx context.Context, id string, cfg *rest.Config) (k8sauth.Authenticator, error) {
+		cfg.QPS, cfg.Burst = o.kubeQPS, o.kubeBurst
+		client, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		k, err := clusterAuthenticator(ctx, o, client, cfg, metrics, log.With("cluster", id))
+		if err != nil {
+			return nil, err
+		}
+		return tokenCache(o, k, metrics), nil
+	}
+	return multicluster.Watch(ctx, kube, o.namespace, o.remoteSelector, o.clusterID, build, log)
 }
 
 // objectsSyncWait is how long /readyz waits for the first lists of pods and

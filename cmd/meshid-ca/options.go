@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -92,6 +93,9 @@ type options struct {
 	adminIDs        []string
 	adminSAs        []string
 	nodeProxySAs    []string
+	clusterID       string
+	remoteSelector  string
+	remoteBundles   bool
 	nodeProxies     []nodeauth.Account
 	denyRefresh     time.Duration
 	bundleConfigMap string
@@ -164,6 +168,9 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.adminAddr, "admin-addr", ":15013", "address of the admin API (gRPC, TLS; meshidctl talks to it); served only when --admin-ids or --admin-service-accounts name someone; empty disables")
 	fs.StringSliceVar(&o.adminIDs, "admin-ids", nil, "SPIFFE IDs whose client certificates (issued by this CA) may use the admin API")
 	fs.StringSliceVar(&o.adminSAs, "admin-service-accounts", nil, "service accounts (namespace/name) whose tokens may use the admin API")
+	fs.StringVar(&o.clusterID, "cluster-id", "Kubernetes", "this cluster's ID, as Istio names it (global.multiCluster.clusterName; Istio's agents send it as clusterid): callers naming it, or none, are checked against this cluster; recorded in the ledger")
+	fs.StringVar(&o.remoteSelector, "remote-secret-selector", "", "label selector of the Secrets in --namespace that hold remote clusters' kubeconfigs, one per data key named by cluster ID, as istiod's remote secrets (e.g. istio/multiCluster=true); callers naming a remote cluster are checked against its API server (TokenReview), and callers naming a cluster no Secret holds are refused. Empty: one cluster")
+	fs.BoolVar(&o.remoteBundles, "remote-bundle-configmaps", false, "also keep --bundle-configmap in every namespace of each remote cluster (the remote kubeconfig needs list/watch on namespaces and get/create/update on that ConfigMap there)")
 	fs.StringSliceVar(&o.nodeProxySAs, "node-proxy-service-accounts", nil, "service accounts (namespace/name) of node proxies, e.g. istio-system/ztunnel (Istio ambient mode): their pods may ask for the certificate of any workload with a pod on their node (ImpersonatedIdentity); empty refuses every such request. Watches all pods")
 	fs.DurationVar(&o.denyRefresh, "deny-refresh-interval", 2*time.Second, "how often denied identities are read again from the ledger (a deny made through another replica takes effect here within this)")
 	fs.StringVar(&o.bundleConfigMap, "bundle-configmap", "istio-ca-root-cert", "ConfigMap (key root-cert.pem) the leader keeps in every namespace with the roots trusted now; empty disables. Needs the API server (not reached with --auth=jwks and --ca-source dir or plugin)")
@@ -344,6 +351,17 @@ func (o *options) complete() error {
 			bad("--admin-service-accounts: %q is not namespace/name", sa)
 		}
 	}
+	if o.clusterID == "" || len(o.clusterID) > 253 {
+		bad("--cluster-id must be a name of 1 to 253 characters")
+	}
+	if o.remoteSelector != "" {
+		if _, err := metav1.ParseToLabelSelector(o.remoteSelector); err != nil {
+			bad("--remote-secret-selector: %v", err)
+		}
+	}
+	if o.remoteBundles && (o.remoteSelector == "" || o.bundleConfigMap == "") {
+		bad("--remote-bundle-configmaps needs --remote-secret-selector and --bundle-configmap")
+	}
 	if o.nodeProxies, err = nodeauth.ParseAccounts(o.nodeProxySAs); err != nil {
 		bad("--node-proxy-service-accounts: %v", err)
 	}
@@ -387,7 +405,7 @@ func (o *options) complete() error {
 
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || o.auth != authJWKS || len(o.nodeProxySAs) > 0
+	return o.caSource == sourceSecret || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != ""
 }
 
 func (o *options) limits() server.Limits {

@@ -108,6 +108,10 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--deny-refresh-interval=1ms"}, "--deny-refresh-interval must be at least 100ms"},
 		{[]string{"--admin-ids=not-a-spiffe-id"}, "--admin-ids"},
 		{[]string{"--admin-service-accounts=meshid-system"}, `--admin-service-accounts: "meshid-system" is not namespace/name`},
+		{[]string{"--node-proxy-service-accounts=ztunnel"}, `--node-proxy-service-accounts: nodeauth: "ztunnel" is not a service account as namespace/name`},
+		{[]string{"--cluster-id="}, "--cluster-id must be a name of 1 to 253 characters"},
+		{[]string{"--remote-secret-selector=a in (b"}, "--remote-secret-selector:"},
+		{[]string{"--remote-bundle-configmaps"}, "--remote-bundle-configmaps needs --remote-secret-selector and --bundle-configmap"},
 	} {
 		_, err := parse(t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

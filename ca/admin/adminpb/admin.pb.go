@@ -37,8 +37,10 @@ type Certificate struct {
 	ServiceAccount string                 `protobuf:"bytes,4,opt,name=service_account,json=serviceAccount,proto3" json:"service_account,omitempty"`
 	PodName        string                 `protobuf:"bytes,5,opt,name=pod_name,json=podName,proto3" json:"pod_name,omitempty"`
 	PodUid         string                 `protobuf:"bytes,6,opt,name=pod_uid,json=podUid,proto3" json:"pod_uid,omitempty"`
-	// As the caller claimed it (Istio's clusterid header); meshid does not
-	// verify it.
+	// The cluster whose API server verified the caller's token (meshid-ca's
+	// --cluster-id for its own cluster, the remote cluster's ID otherwise).
+	// Records written before meshid-ca knew several clusters hold what the
+	// caller claimed (Istio's clusterid header).
 	ClusterId         string                 `protobuf:"bytes,7,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
 	PublicKeySha256   string                 `protobuf:"bytes,8,opt,name=public_key_sha256,json=publicKeySha256,proto3" json:"public_key_sha256,omitempty"` // hex SHA-256 of the SubjectPublicKeyInfo
 	NotBefore         *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
