@@ -29,8 +29,8 @@ func TestReadmeIsTrue(t *testing.T) {
 	t.Run("flags", func(t *testing.T) {
 		ours := binaryFlags(t)
 		// Flags of other programs the documents show: kubectl, go test,
-		// hyperfine, the flood tools' environment.
-		others := []string{"--audience", "--warmup", "--runs", "--help"}
+		// hyperfine, istioctl, the flood tools' environment.
+		others := []string{"--audience", "--warmup", "--runs", "--help", "--context", "--name"}
 		flagRE := regexp.MustCompile("`[^`]*`")
 		nameRE := regexp.MustCompile(`(?:^|[\s\[(|=])(--[a-z][a-z0-9-]+)`)
 		checked := 0
