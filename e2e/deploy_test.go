@@ -272,6 +272,8 @@ func checkHardened(t *testing.T, dep *appsv1.Deployment) {
 	switch {
 	case spec.SecurityContext.RunAsNonRoot == nil || !*spec.SecurityContext.RunAsNonRoot:
 		t.Error("meshid-ca may run as root")
+	case spec.SecurityContext.FSGroup == nil:
+		t.Error("meshid-ca has no fsGroup: as a non-root user it cannot read its Secret volumes' files (root's, mode 0400)")
 	case c.SecurityContext.ReadOnlyRootFilesystem == nil || !*c.SecurityContext.ReadOnlyRootFilesystem:
 		t.Error("meshid-ca's root filesystem is writable")
 	case c.SecurityContext.AllowPrivilegeEscalation == nil || *c.SecurityContext.AllowPrivilegeEscalation:
