@@ -198,7 +198,7 @@ func TestDeployManifests(t *testing.T) {
 	}
 
 	checkPodSecurity(t, cluster, "meshid-system", "meshid-node")
-	checkConfigMapPolicy(t, cluster, "meshid-system")
+	checkConfigMapPolicy(t, cluster, "meshid-system", "istio-ca-root-cert")
 
 	// meshid-ca with the Deployment's arguments, as its service account,
 	// its ledger's Secret mounted as the kubelet would.
@@ -216,7 +216,7 @@ func TestDeployManifests(t *testing.T) {
 	}
 	// With that RBAC it is elected and writes the trust bundle into every
 	// namespace, the workloads' too.
-	waitBundle(t, cluster, string(sec.Data["root-cert.pem"]), "meshid-system", "shop", "default")
+	waitBundle(t, cluster, "istio-ca-root-cert", string(sec.Data["root-cert.pem"]), "meshid-system", "shop", "default")
 	if lease, err := cluster.Client.CoordinationV1().Leases("meshid-system").Get(ctx, "meshid-ca-leader", metav1.GetOptions{}); err != nil || lease.Spec.HolderIdentity == nil {
 		t.Errorf("meshid-ca-leader Lease: %v, %v", lease, err)
 	}
@@ -356,9 +356,9 @@ func checkPodSecurity(t *testing.T, c *kubetest.Cluster, caNS, agentNS string) {
 }
 
 // checkConfigMapPolicy checks the admission policy: as meshid-ca of caNS,
-// a ConfigMap of another name than istio-ca-root-cert is refused everywhere
-// (RBAC cannot limit create by name).
-func checkConfigMapPolicy(t *testing.T, c *kubetest.Cluster, caNS string) {
+// a ConfigMap of another name than bundle is refused everywhere (RBAC cannot
+// limit create by name).
+func checkConfigMapPolicy(t *testing.T, c *kubetest.Cluster, caNS, bundle string) {
 	t.Helper()
 	caClient, err := kubernetes.NewForConfig(restConfigFor(t, c.KubeconfigFor(t, caNS, "meshid-ca")))
 	if err != nil {
@@ -371,7 +371,7 @@ func checkConfigMapPolicy(t *testing.T, c *kubetest.Cluster, caNS string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		_, last = caClient.CoreV1().ConfigMaps("kube-system").Create(ctx, planted, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
-		return last != nil && strings.Contains(last.Error(), "meshid-ca may write only the istio-ca-root-cert ConfigMap")
+		return last != nil && strings.Contains(last.Error(), "meshid-ca may write only the "+bundle+" ConfigMap")
 	})
 }
 
@@ -484,20 +484,20 @@ func runDeployedCA(t *testing.T, c *kubetest.Cluster, ns string) (*caProcess, *a
 	return p, dep
 }
 
-// waitBundle waits, watching, until the ConfigMap istio-ca-root-cert of each
-// namespace holds root (PEM) as its root-cert.pem.
-func waitBundle(t *testing.T, c *kubetest.Cluster, root string, namespaces ...string) {
+// waitBundle waits, watching, until the ConfigMap bundle of each namespace
+// holds root (PEM) as its root-cert.pem.
+func waitBundle(t *testing.T, c *kubetest.Cluster, bundle, root string, namespaces ...string) {
 	t.Helper()
 	for _, ns := range namespaces {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		lw := cache.NewListWatchFromClient(c.Client.CoreV1().RESTClient(), "configmaps", ns, fields.OneTermEqualSelector("metadata.name", "istio-ca-root-cert"))
+		lw := cache.NewListWatchFromClient(c.Client.CoreV1().RESTClient(), "configmaps", ns, fields.OneTermEqualSelector("metadata.name", bundle))
 		_, err := watchtools.UntilWithSync(ctx, lw, &corev1.ConfigMap{}, nil, func(ev watch.Event) (bool, error) {
 			cm, ok := ev.Object.(*corev1.ConfigMap)
 			return ok && ev.Type != watch.Deleted && cm.Data["root-cert.pem"] == root, nil
 		})
 		cancel()
 		if err != nil {
-			t.Fatalf("no istio-ca-root-cert with the CA's root in %s after 60s: %v", ns, err)
+			t.Fatalf("no ConfigMap %s with the CA's root in %s after 60s: %v", bundle, ns, err)
 		}
 	}
 }

@@ -53,9 +53,10 @@ agent: {enabled: false}
 admin: {extraServiceAccounts: [ops/meshid-oncall]}
 `,
 	// Your own CA in a Secret, the ledger URL under another name, the
-	// namespaces made by you.
+	// namespaces made by you, the bundle beside istiod's (deploy/istio.md).
 	"secret-own-namespaces": `
 trustDomain: example.org
+bundleConfigMap: meshid-ca-root-cert
 namespaces: {create: false}
 ca: {caSource: secret, secretName: my-ca}
 ledger: {postgres: {secretName: ledger-url, secretKey: url}}
@@ -169,6 +170,7 @@ func TestHelmSchema(t *testing.T) {
 		{`agent: {enabled: "yes"}`, []string{"/agent/enabled", "got string, want boolean"}},
 		{`namespaces: {ca: Meshid_System}`, []string{"/namespaces/ca", "does not match pattern"}},
 		{`logLevel: verbose`, []string{"/logLevel", "value must be one of"}},
+		{`bundleConfigMap: ""`, []string{"/bundleConfigMap", "minLength"}},
 		{`ca: {extraArgs: [-v]}`, []string{"/ca/extraArgs/0", "does not match pattern"}},
 		// Checks across values, by the chart's templates.
 		{`ledger: {type: sqlite}`, []string{"ledger.type sqlite needs ca.replicas 1, not 2"}},
@@ -289,7 +291,7 @@ func TestHelmRender(t *testing.T) {
 			t.Errorf("namespaces.create false renders %d Namespaces", n["Namespace"])
 		}
 		a := args(t, objs)
-		for _, want := range []string{"--ca-source=secret", "--secret-name=my-ca", "--ledger-dsn-file=/etc/meshid/ledger/url", "--trust-domain=example.org"} {
+		for _, want := range []string{"--ca-source=secret", "--secret-name=my-ca", "--ledger-dsn-file=/etc/meshid/ledger/url", "--trust-domain=example.org", "--bundle-configmap=meshid-ca-root-cert"} {
 			if !slices.Contains(a, want) {
 				t.Errorf("meshid-ca args %q lack %s", a, want)
 			}
@@ -301,6 +303,16 @@ func TestHelmRender(t *testing.T) {
 		typed(t, findObject(objs, "DaemonSet", "meshid-agent"), &ds)
 		if !slices.Contains(ds.Spec.Template.Spec.Containers[0].Args, "--trust-domain=example.org") {
 			t.Errorf("meshid-agent args %q", ds.Spec.Template.Spec.Containers[0].Args)
+		}
+		for _, v := range ds.Spec.Template.Spec.Volumes {
+			if v.Name == "ca-root" && (v.ConfigMap == nil || v.ConfigMap.Name != "meshid-ca-root-cert") {
+				t.Errorf("meshid-agent's root volume %+v, want the ConfigMap meshid-ca-root-cert", v)
+			}
+		}
+		bundleRole := findObject(objs, "ClusterRole", "meshid-ca-bundle")
+		rules, _, _ := unstructured.NestedSlice(bundleRole.Object, "rules")
+		if names := toStrings(rules[1].(map[string]any)["resourceNames"]); !slices.Equal(names, []string{"meshid-ca-root-cert"}) {
+			t.Errorf("meshid-ca-bundle names ConfigMaps %q", names)
 		}
 	})
 
@@ -538,14 +550,14 @@ func TestHelmInstall(t *testing.T) {
 		if p.AdminAddr == "" {
 			t.Error("no admin API")
 		}
-		checkIssues(t, cluster, p, string(sec.Data["root-cert.pem"]), "cluster.local")
+		checkIssues(t, cluster, p, "istio-ca-root-cert", string(sec.Data["root-cert.pem"]), "cluster.local")
 	})
 
 	t.Run("plugin-sqlite-no-agent", func(t *testing.T) {
 		cluster := kubetest.Start(t)
 		newApplier(t, cluster).applyTwice(t, renderChart(t, chartVariants["plugin-sqlite-no-agent"]))
 		checkPodSecurity(t, cluster, "mesh-ca", "")
-		checkConfigMapPolicy(t, cluster, "mesh-ca")
+		checkConfigMapPolicy(t, cluster, "mesh-ca", "istio-ca-root-cert")
 		for _, attr := range []authorizationv1.ResourceAttributes{
 			{Namespace: "mesh-ca", Resource: "secrets", Verb: "create"},
 			{Namespace: "mesh-ca", Resource: "secrets", Name: "istio-cacerts", Verb: "get"},
@@ -562,7 +574,7 @@ func TestHelmInstall(t *testing.T) {
 		if p.AdminAddr == "" {
 			t.Error("no admin API")
 		}
-		checkIssues(t, cluster, p, string(files[keys.RootCertFile]), "cluster.local")
+		checkIssues(t, cluster, p, "istio-ca-root-cert", string(files[keys.RootCertFile]), "cluster.local")
 		secrets, err := cluster.Client.CoreV1().Secrets("mesh-ca").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -591,8 +603,9 @@ func TestHelmInstall(t *testing.T) {
 		checkPodSecurity(t, cluster, "meshid-system", "meshid-node")
 		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "create"}, false)
 		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "my-ca", Verb: "update"}, true)
+		checkConfigMapPolicy(t, cluster, "meshid-system", "meshid-ca-root-cert")
 		p, _ := runDeployedCA(t, cluster, "meshid-system")
-		checkIssues(t, cluster, p, string(files[keys.RootCertFile]), "example.org")
+		checkIssues(t, cluster, p, "meshid-ca-root-cert", string(files[keys.RootCertFile]), "example.org")
 	})
 }
 
@@ -612,12 +625,12 @@ func caFiles(t *testing.T, trustDomain string) map[string][]byte {
 }
 
 // checkIssues checks a meshid-ca run by runDeployedCA: elected through its
-// Lease, it writes root into the trust bundle of the workloads'
-// namespaces, and it signs a certificate for a workload's token.
-func checkIssues(t *testing.T, c *kubetest.Cluster, p *caProcess, root, trustDomain string) {
+// Lease, it writes root into the trust bundle (ConfigMap bundle) of the
+// workloads' namespaces, and it signs a certificate for a workload's token.
+func checkIssues(t *testing.T, c *kubetest.Cluster, p *caProcess, bundle, root, trustDomain string) {
 	t.Helper()
 	c.ServiceAccount(t, "shop", "web")
-	waitBundle(t, c, root, "shop", "default")
+	waitBundle(t, c, bundle, root, "shop", "default")
 	roots, err := ca.ParseCertificatesPEM([]byte(root))
 	if err != nil {
 		t.Fatal(err)
