@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,13 +16,17 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
+	watchtools "k8s.io/client-go/tools/watch"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
@@ -29,6 +34,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/pgtest"
+	"github.com/meshid/meshid/internal/poll"
 )
 
 // applier applies objects to a cluster the way `kubectl apply
@@ -119,19 +125,15 @@ func TestDeployManifests(t *testing.T) {
 	cluster := kubetest.Start(t)
 	a := newApplier(t, cluster)
 	objs := kustomize(t, filepath.Join("..", "deploy", "base"))
+	a.applyTwice(t, objs)
 	kinds := map[string]int{}
 	for _, o := range objs {
-		a.apply(t, o)
 		kinds[o.GetKind()]++
 	}
 	for kind, n := range map[string]int{"Namespace": 2, "Deployment": 1, "DaemonSet": 1, "Service": 1, "PodDisruptionBudget": 1, "ServiceAccount": 3, "ValidatingAdmissionPolicy": 1} {
 		if kinds[kind] != n {
 			t.Errorf("deploy/base has %d %s, want %d", kinds[kind], kind, n)
 		}
-	}
-	// Applying again changes nothing and is accepted (idempotent).
-	for _, o := range objs {
-		a.apply(t, o)
 	}
 	cluster.ServiceAccount(t, "shop", "default")
 	for _, o := range yamlObjects(t, filepath.Join("..", "deploy", "examples", "pod-mode.yaml")) {
@@ -142,6 +144,9 @@ func TestDeployManifests(t *testing.T) {
 	dep, err := cluster.Client.AppsV1().Deployments("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if *dep.Spec.Replicas != 2 {
+		t.Errorf("meshid-ca replicas %d, want 2", *dep.Spec.Replicas)
 	}
 	checkHardened(t, dep)
 
@@ -189,76 +194,16 @@ func TestDeployManifests(t *testing.T) {
 		if ns == "" {
 			ns = "meshid-system"
 		}
-		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
-			User: "system:serviceaccount:" + ns + ":" + tc.sa, ResourceAttributes: &tc.attr,
-			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
-		}}
-		got, err := cluster.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, sar, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got.Status.Allowed != tc.allowed {
-			t.Errorf("%s may %s %s %s/%s: %v, want %v", tc.sa, tc.attr.Verb, tc.attr.Resource, tc.attr.Namespace, tc.attr.Name, got.Status.Allowed, tc.allowed)
-		}
+		checkAccess(t, cluster, ns+"/"+tc.sa, tc.attr, tc.allowed)
 	}
 
-	// Pod Security: the CA's pods pass the restricted level of its
-	// namespace; the agent's need the privileged level of its own (its
-	// hostPath), which is why it is not in the CA's.
-	ds, err := cluster.Client.AppsV1().DaemonSets("meshid-node").Get(ctx, "meshid-agent", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dryRunPod := func(ns string, spec corev1.PodTemplateSpec) error {
-		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: "psa-", Namespace: ns, Labels: spec.Labels}, Spec: spec.Spec}
-		_, err := cluster.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
-		return err
-	}
-	if err := dryRunPod("meshid-system", dep.Spec.Template); err != nil {
-		t.Errorf("meshid-ca's pod in meshid-system: %v", err)
-	}
-	if err := dryRunPod("meshid-node", ds.Spec.Template); err != nil {
-		t.Errorf("meshid-agent's pod in meshid-node: %v", err)
-	}
-	if err := dryRunPod("meshid-system", ds.Spec.Template); err == nil {
-		t.Error("meshid-agent's pod is admitted in meshid-system: the CA's namespace is not restricted")
-	}
+	checkPodSecurity(t, cluster, "meshid-system", "meshid-node")
+	checkConfigMapPolicy(t, cluster, "meshid-system", "istio-ca-root-cert")
 
-	// The admission policy: as meshid-ca, a ConfigMap of another name is
-	// refused everywhere (RBAC cannot limit create by name).
-	caClient, err := kubernetes.NewForConfig(restConfigFor(t, cluster.KubeconfigFor(t, "meshid-system", "meshid-ca")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	planted := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "planted", Namespace: "kube-system"}, Data: map[string]string{"x": "y"}}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, err := caClient.CoreV1().ConfigMaps("kube-system").Create(ctx, planted, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
-		if err != nil && strings.Contains(err.Error(), "meshid-ca may write only the istio-ca-root-cert ConfigMap") {
-			break
-		}
-		// The policy takes effect a moment after it is created.
-		if time.Now().After(deadline) {
-			t.Fatalf("meshid-ca may create a ConfigMap named planted in kube-system: %v", err)
-		}
-		time.Sleep(200 * time.Millisecond) // poll interval
-	}
-
-	// meshid-ca with the Deployment's arguments, as its service account.
-	args := slices.Clone(dep.Spec.Template.Spec.Containers[0].Args)
-	dir := t.TempDir()
-	dsnFile := filepath.Join(dir, "dsn")
-	if err := os.WriteFile(dsnFile, []byte(dsn), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	for i, arg := range args {
-		if strings.HasPrefix(arg, "--ledger-dsn-file=") {
-			args[i] = "--ledger-dsn-file=" + dsnFile // the Secret mount, here a file
-		}
-	}
-	args = append(args, "--kubeconfig="+cluster.KubeconfigFor(t, "meshid-system", "meshid-ca"), "--namespace=meshid-system", "--state-dir="+filepath.Join(dir, "state"))
-	p := startCA(t, args...)
-	p.WaitReady(t, 60*time.Second)
+	// meshid-ca with the Deployment's arguments, as its service account,
+	// its ledger's Secret mounted as the kubelet would.
+	createSecret(t, cluster, "meshid-system", "meshid-ledger", map[string][]byte{"dsn": []byte(dsn)})
+	p, _ := runDeployedCA(t, cluster, "meshid-system")
 	sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
 	if err != nil {
 		t.Fatalf("meshid-ca ready but its Secret is not there: %v", err)
@@ -271,19 +216,7 @@ func TestDeployManifests(t *testing.T) {
 	}
 	// With that RBAC it is elected and writes the trust bundle into every
 	// namespace, the workloads' too.
-	for _, ns := range []string{"meshid-system", "shop", "default"} {
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			cm, err := cluster.Client.CoreV1().ConfigMaps(ns).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
-			if err == nil && cm.Data["root-cert.pem"] == string(sec.Data["root-cert.pem"]) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("no istio-ca-root-cert with the CA's root in %s after 30s (%v)", ns, err)
-			}
-			time.Sleep(100 * time.Millisecond) // poll interval
-		}
-	}
+	waitBundle(t, cluster, "istio-ca-root-cert", string(sec.Data["root-cert.pem"]), "meshid-system", "shop", "default")
 	if lease, err := cluster.Client.CoordinationV1().Leases("meshid-system").Get(ctx, "meshid-ca-leader", metav1.GetOptions{}); err != nil || lease.Spec.HolderIdentity == nil {
 		t.Errorf("meshid-ca-leader Lease: %v, %v", lease, err)
 	}
@@ -299,7 +232,7 @@ func TestDeployManifests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rootPath := filepath.Join(dir, "istio-ca-root-cert", "root-cert.pem")
+	rootPath := filepath.Join(t.TempDir(), "istio-ca-root-cert", "root-cert.pem")
 	mustWrite(t, rootPath, []byte(cm.Data["root-cert.pem"]), 0o644)
 	_, grpcPort, _ := strings.Cut(p.GRPCAddr, ":")
 	_, chainPEM, rootPEM := istioAgentCerts(t, agentDir, grpcPort, rootPath, cluster.Token(t, "shop", "web", "istio-ca"), "shop", "web", "web-7d4b9-abcde", nil)
@@ -321,7 +254,7 @@ func TestDeployManifests(t *testing.T) {
 	}
 }
 
-// checkHardened checks what a platform engineer expects of a CA's pods.
+// restConfigFor reads a kubeconfig file.
 func restConfigFor(t *testing.T, kubeconfig string) *rest.Config {
 	t.Helper()
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
@@ -331,15 +264,16 @@ func restConfigFor(t *testing.T, kubeconfig string) *rest.Config {
 	return cfg
 }
 
+// checkHardened checks what a platform engineer expects of a CA's pods.
 func checkHardened(t *testing.T, dep *appsv1.Deployment) {
 	t.Helper()
 	spec := dep.Spec.Template.Spec
 	c := spec.Containers[0]
 	switch {
-	case *dep.Spec.Replicas != 2:
-		t.Errorf("meshid-ca replicas %d, want 2", *dep.Spec.Replicas)
 	case spec.SecurityContext.RunAsNonRoot == nil || !*spec.SecurityContext.RunAsNonRoot:
 		t.Error("meshid-ca may run as root")
+	case spec.SecurityContext.FSGroup == nil:
+		t.Error("meshid-ca has no fsGroup: as a non-root user it cannot read its Secret volumes' files (root's, mode 0400)")
 	case c.SecurityContext.ReadOnlyRootFilesystem == nil || !*c.SecurityContext.ReadOnlyRootFilesystem:
 		t.Error("meshid-ca's root filesystem is writable")
 	case c.SecurityContext.AllowPrivilegeEscalation == nil || *c.SecurityContext.AllowPrivilegeEscalation:
@@ -350,5 +284,220 @@ func checkHardened(t *testing.T, dep *appsv1.Deployment) {
 		t.Error("meshid-ca has no resource requests")
 	case dep.Spec.Template.Annotations["prometheus.io/scrape"] != "true":
 		t.Error("meshid-ca is not annotated for Prometheus")
+	}
+}
+
+// applyTwice applies objs in order, then again: the second time must be
+// accepted too and change nothing (idempotent, as a re-run of kubectl apply
+// or helm upgrade).
+func (a *applier) applyTwice(t *testing.T, objs []*unstructured.Unstructured) {
+	t.Helper()
+	for range 2 {
+		for _, o := range objs {
+			a.apply(t, o)
+		}
+	}
+}
+
+// checkAccess asks the API server (SubjectAccessReview) whether service
+// account sa ("namespace/name") may do attr, and fails t unless the answer
+// is allowed.
+func checkAccess(t *testing.T, c *kubetest.Cluster, sa string, attr authorizationv1.ResourceAttributes, allowed bool) {
+	t.Helper()
+	ns, name, _ := strings.Cut(sa, "/")
+	sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+		User: "system:serviceaccount:" + ns + ":" + name, ResourceAttributes: &attr,
+		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got, err := c.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, sar, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status.Allowed != allowed {
+		t.Errorf("%s may %s %s %s/%s: %v, want %v", sa, attr.Verb, attr.Resource, attr.Namespace, attr.Name, got.Status.Allowed, allowed)
+	}
+}
+
+// checkPodSecurity checks, by dry-run creation of their pods, that
+// meshid-ca's pods pass the restricted level of caNS and that meshid-agent's
+// (when agentNS is not empty) need the privileged level of its own
+// namespace (its hostPath), which is why it is not in the CA's.
+func checkPodSecurity(t *testing.T, c *kubetest.Cluster, caNS, agentNS string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dryRunPod := func(ns string, spec corev1.PodTemplateSpec) error {
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: "psa-", Namespace: ns, Labels: spec.Labels}, Spec: spec.Spec}
+		_, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return err
+	}
+	dep, err := c.Client.AppsV1().Deployments(caNS).Get(ctx, "meshid-ca", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dryRunPod(caNS, dep.Spec.Template); err != nil {
+		t.Errorf("meshid-ca's pod in %s: %v", caNS, err)
+	}
+	if agentNS == "" {
+		return
+	}
+	ds, err := c.Client.AppsV1().DaemonSets(agentNS).Get(ctx, "meshid-agent", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dryRunPod(agentNS, ds.Spec.Template); err != nil {
+		t.Errorf("meshid-agent's pod in %s: %v", agentNS, err)
+	}
+	if err := dryRunPod(caNS, ds.Spec.Template); err == nil {
+		t.Errorf("meshid-agent's pod is admitted in %s: the CA's namespace is not restricted", caNS)
+	}
+}
+
+// checkConfigMapPolicy checks the admission policy: as meshid-ca of caNS,
+// a ConfigMap of another name than bundle is refused everywhere (RBAC cannot
+// limit create by name).
+func checkConfigMapPolicy(t *testing.T, c *kubetest.Cluster, caNS, bundle string) {
+	t.Helper()
+	caClient, err := kubernetes.NewForConfig(restConfigFor(t, c.KubeconfigFor(t, caNS, "meshid-ca")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	planted := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "planted", Namespace: "kube-system"}, Data: map[string]string{"x": "y"}}
+	var last error
+	// The policy takes effect a moment after it is created.
+	poll.Until(t, "the admission policy to refuse meshid-ca a ConfigMap named planted in kube-system", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, last = caClient.CoreV1().ConfigMaps("kube-system").Create(ctx, planted, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return last != nil && strings.Contains(last.Error(), "meshid-ca may write only the "+bundle+" ConfigMap")
+	})
+}
+
+// createSecret creates Secret ns/name holding data, as an administrator
+// does before installing.
+func createSecret(t *testing.T, c *kubetest.Cluster, ns, name string, data map[string][]byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Data: data}
+	if _, err := c.Client.CoreV1().Secrets(ns).Create(ctx, sec, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("creating Secret %s/%s: %v", ns, name, err)
+	}
+}
+
+// runDeployedCA runs meshid-ca as the kubelet would run a pod of the
+// Deployment meshid-ca in ns, as far as a test without a kubelet can: with
+// its container's arguments, as its service account (a token of it, so with
+// exactly the RBAC the manifests grant; in-cluster configuration and
+// namespace given as --kubeconfig and --namespace), and with its volumes
+// mounted in temporary directories named in the arguments in place of their
+// mount paths: Secret and ConfigMap volumes hold the keys of the object read
+// from the API server (a missing one fails the test, as it keeps the pod
+// from starting), emptyDir and persistentVolumeClaim volumes start empty.
+// It returns once meshid-ca is ready.
+func runDeployedCA(t *testing.T, c *kubetest.Cluster, ns string) (*caProcess, *appsv1.Deployment) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dep, err := c.Client.AppsV1().Deployments(ns).Get(ctx, "meshid-ca", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := dep.Spec.Template.Spec
+	container := spec.Containers[0]
+	volumes := map[string]corev1.Volume{}
+	for _, v := range spec.Volumes {
+		volumes[v.Name] = v
+	}
+	// Longest mount path first, so that a nested mount wins.
+	mounts := slices.Clone(container.VolumeMounts)
+	slices.SortFunc(mounts, func(a, b corev1.VolumeMount) int { return len(b.MountPath) - len(a.MountPath) })
+	root := t.TempDir()
+	dirs := map[string]string{} // mount path -> directory
+	for i, m := range mounts {
+		v, ok := volumes[m.Name]
+		if !ok {
+			t.Fatalf("meshid-ca mounts volume %s, which its pod does not have", m.Name)
+		}
+		if m.SubPath != "" {
+			t.Fatalf("volume %s: subPath is not emulated", m.Name)
+		}
+		dir := filepath.Join(root, fmt.Sprintf("volume-%d-%s", i, m.Name))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		var files map[string][]byte
+		var mode *int32
+		switch {
+		case v.Secret != nil:
+			if len(v.Secret.Items) > 0 {
+				t.Fatalf("volume %s: items are not emulated", m.Name)
+			}
+			sec, err := c.Client.CoreV1().Secrets(ns).Get(ctx, v.Secret.SecretName, metav1.GetOptions{})
+			if err != nil {
+				t.Fatalf("meshid-ca's pod would not start: its volume %s needs Secret %s/%s: %v", m.Name, ns, v.Secret.SecretName, err)
+			}
+			files, mode = sec.Data, v.Secret.DefaultMode
+		case v.ConfigMap != nil:
+			cm, err := c.Client.CoreV1().ConfigMaps(ns).Get(ctx, v.ConfigMap.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatalf("meshid-ca's pod would not start: its volume %s needs ConfigMap %s/%s: %v", m.Name, ns, v.ConfigMap.Name, err)
+			}
+			files = map[string][]byte{}
+			for k, d := range cm.Data {
+				files[k] = []byte(d)
+			}
+			mode = v.ConfigMap.DefaultMode
+		case v.EmptyDir != nil, v.PersistentVolumeClaim != nil:
+		default:
+			t.Fatalf("volume %s: its kind is not emulated", m.Name)
+		}
+		perm := os.FileMode(0o644)
+		if mode != nil {
+			perm = os.FileMode(*mode)
+		}
+		for name, data := range files {
+			if err := os.WriteFile(filepath.Join(dir, name), data, perm); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dirs[m.MountPath] = dir
+	}
+	args := slices.Clone(container.Args)
+	for i, arg := range args {
+		flag, value, ok := strings.Cut(arg, "=")
+		if !ok {
+			continue
+		}
+		for _, m := range mounts {
+			if value == m.MountPath || strings.HasPrefix(value, m.MountPath+"/") {
+				args[i] = flag + "=" + dirs[m.MountPath] + strings.TrimPrefix(value, m.MountPath)
+				break
+			}
+		}
+	}
+	args = append(args, "--kubeconfig="+c.KubeconfigFor(t, ns, spec.ServiceAccountName), "--namespace="+ns)
+	p := startCA(t, args...)
+	p.WaitReady(t, 60*time.Second)
+	return p, dep
+}
+
+// waitBundle waits, watching, until the ConfigMap bundle of each namespace
+// holds root (PEM) as its root-cert.pem.
+func waitBundle(t *testing.T, c *kubetest.Cluster, bundle, root string, namespaces ...string) {
+	t.Helper()
+	for _, ns := range namespaces {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		lw := cache.NewListWatchFromClient(c.Client.CoreV1().RESTClient(), "configmaps", ns, fields.OneTermEqualSelector("metadata.name", bundle))
+		_, err := watchtools.UntilWithSync(ctx, lw, &corev1.ConfigMap{}, nil, func(ev watch.Event) (bool, error) {
+			cm, ok := ev.Object.(*corev1.ConfigMap)
+			return ok && ev.Type != watch.Deleted && cm.Data["root-cert.pem"] == root, nil
+		})
+		cancel()
+		if err != nil {
+			t.Fatalf("no ConfigMap %s with the CA's root in %s after 60s: %v", bundle, ns, err)
+		}
 	}
 }
