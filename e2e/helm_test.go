@@ -30,6 +30,7 @@ import (
 	"github.com/meshid/meshid/internal/chart"
 	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/pgtest"
+	"github.com/meshid/meshid/internal/poll"
 )
 
 var chartDir = filepath.Join("..", "deploy", "charts", "meshid")
@@ -67,6 +68,13 @@ ledger: {type: sqlite, sqlite: {existingClaim: meshid-ledger}}
 `,
 	"ambient": `
 ambient: {nodeProxyServiceAccounts: [istio-system/ztunnel, istio-system/ztunnel-canary]}
+`,
+	// Ambient's node proxies and remote clusters, one replica on SQLite.
+	"ambient-multicluster": `
+ca: {replicas: 1}
+ledger: {type: sqlite}
+ambient: {nodeProxyServiceAccounts: [istio-system/ztunnel]}
+multicluster: {remoteSecretSelector: istio/multiCluster=true, remoteBundleConfigMaps: true}
 `,
 	"pinned-images-text-logs-no-admin": `
 logFormat: text
@@ -526,11 +534,9 @@ func diffValues(path string, a, b any) []string {
 // rendered Deployment would run it (runDeployedCA: its arguments, its
 // service account's RBAC, its Secrets mounted) until it is ready, has
 // written the trust bundle and signed a certificate; once with the
-// defaults and with two variants. TestDeployManifests checks the defaults
-// further (all of RBAC, Istio's agent), through deploy/base, which
-// TestHelmBaseMatchesChart holds to the same objects. The ambient variant
-// is only rendered: meshid-ca gains --node-proxy-service-accounts
-// separately.
+// defaults and with three variants. TestDeployManifests checks the
+// defaults further (all of RBAC, Istio's agent), through deploy/base, which
+// TestHelmBaseMatchesChart holds to the same objects.
 func TestHelmInstall(t *testing.T) {
 	kubetest.RequireAssets(t)
 	ctx := context.Background()
@@ -582,6 +588,39 @@ func TestHelmInstall(t *testing.T) {
 		if len(secrets.Items) != 1 {
 			t.Errorf("%d Secrets in mesh-ca, want only istio-cacerts", len(secrets.Items))
 		}
+	})
+
+	t.Run("ambient-multicluster", func(t *testing.T) {
+		cluster := kubetest.Start(t)
+		newApplier(t, cluster).applyTwice(t, renderChart(t, chartVariants["ambient-multicluster"]))
+		// Remote clusters' Secrets, and every pod (node proxies' checks).
+		for _, attr := range []authorizationv1.ResourceAttributes{
+			{Namespace: "meshid-system", Resource: "secrets", Verb: "list"},
+			{Namespace: "meshid-system", Resource: "secrets", Verb: "watch"},
+			{Resource: "pods", Verb: "watch"},
+		} {
+			checkAccess(t, cluster, "meshid-system/meshid-ca", attr, true)
+		}
+		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "kube-system", Resource: "secrets", Verb: "list"}, false)
+		p, _ := runDeployedCA(t, cluster, "meshid-system")
+		sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkIssues(t, cluster, p, "istio-ca-root-cert", string(sec.Data["root-cert.pem"]), "cluster.local")
+		// ztunnel gets the certificate of a workload on its node.
+		cluster.Node(t, "node-a")
+		ztunnel := cluster.Pod(t, "istio-system", "ztunnel-a", "ztunnel", "node-a")
+		cluster.Pod(t, "shop", "web-1", "web", "node-a")
+		roots, err := ca.ParseCertificatesPEM(sec.Data["root-cert.pem"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		z := newZtunnelClient(t, p.GRPCAddr, roots, cluster.PodToken(t, ztunnel, "istio-ca"))
+		poll.Until(t, "ztunnel served once the pod watch has the pods", func() bool {
+			_, _, err := z.fetch(t, "spiffe://cluster.local/ns/shop/sa/web")
+			return err == nil
+		})
 	})
 
 	t.Run("secret-own-namespaces", func(t *testing.T) {

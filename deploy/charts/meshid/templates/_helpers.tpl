@@ -38,4 +38,7 @@ ca.yaml, so every render runs them.
 {{- if and .Values.admin.serviceAccount.create (not .Values.admin.serviceAccount.name) -}}
 {{- fail "admin.serviceAccount.create is true but admin.serviceAccount.name is empty" -}}
 {{- end -}}
+{{- if and .Values.multicluster.remoteBundleConfigMaps (not .Values.multicluster.remoteSecretSelector) -}}
+{{- fail "multicluster.remoteBundleConfigMaps needs multicluster.remoteSecretSelector: the remote clusters come from those Secrets" -}}
+{{- end -}}
 {{- end }}
