@@ -137,8 +137,8 @@ func start(t testing.TB, bin string, pki *PKI, dir string) (*CA, error) {
 
 	cmd := exec.Command(bin, config)
 	cmd.Dir = dir
-	// STEPPATH and HOME: step-ca creates $STEPPATH (default ~/.step) at
-	// start; keep it out of the user's home.
+	// STEPPATH and HOME: step-ca looks for step's contexts and defaults in
+	// $STEPPATH (default ~/.step); a user's own must not change what runs.
 	cmd.Env = append(os.Environ(), "STEPPATH="+filepath.Join(dir, "step"), "HOME="+dir)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
