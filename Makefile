@@ -10,7 +10,7 @@ demo:
 test:
 	hack/test.sh
 
-# Unit tests only: no kube-apiserver, no pilot-agent (those tests skip).
+# Unit tests only: no kube-apiserver, pilot-agent or step-ca (those tests skip).
 unit:
 	go test -race -short ./...
 
@@ -23,6 +23,7 @@ perf:
 assets:
 	hack/kube-assets.sh
 	hack/pilot-agent.sh
+	hack/step-ca.sh
 
 clean:
 	rm -rf bin .meshid-demo

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of meshid, as CI does: builds the real kube-apiserver, etcd
-# and Istio's pilot-agent from the Go module proxy when they are not cached
+# Runs every test of meshid, as CI does: builds the real kube-apiserver, etcd,
+# Istio's pilot-agent and smallstep's step-ca from the Go module proxy when
+# they are not cached
 # (cold: about 17 minutes; warm: seconds), starts a local PostgreSQL
 # (installing Debian's package if missing), then vet, the unit and
 # end-to-end tests with the race detector, and each fuzz target for FUZZTIME
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 echo "== real parts (cached under ${MESHID_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/meshid})" >&2
 KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 MESHID_PILOT_AGENT_DIR=$(hack/pilot-agent.sh)
-export KUBEBUILDER_ASSETS MESHID_PILOT_AGENT_DIR
+MESHID_STEP_CA_DIR=$(hack/step-ca.sh)
+export KUBEBUILDER_ASSETS MESHID_PILOT_AGENT_DIR MESHID_STEP_CA_DIR
 echo "== PostgreSQL for the ledger tests (hack/postgres.sh)" >&2
 # Stopped again at the end if this run started it; left running if it was.
 MESHID_POSTGRES_STARTED=$(mktemp)
@@ -34,6 +36,8 @@ trap stop_postgres EXIT
 MESHID_TEST_POSTGRES_DSN=$(hack/postgres.sh)
 export MESHID_TEST_POSTGRES_DSN
 export MESHID_REQUIRE_KUBE=1 MESHID_REQUIRE_ISTIO=1 MESHID_REQUIRE_POSTGRES=1
+# HSM: SoftHSM2, Debian's softhsm2 package (.ci/run installs it).
+export MESHID_REQUIRE_STEP=1 MESHID_REQUIRE_HSM=1
 
 echo "== gofmt, go vet" >&2
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './hack/*'))
