@@ -28,13 +28,20 @@ func RenewAt(c *x509.Certificate) time.Time {
 	return c.NotAfter.Add(-c.NotAfter.Sub(c.NotBefore) / 3)
 }
 
+// RenewAt is when m's intermediate is replaced: a third of its lifetime
+// before it, or a CA above it short of the root, lapses.
+func (m *Material) RenewAt() time.Time { return renewAt(m) }
+
 // Renewer replaces the signing intermediate of a CA meshid owns before it
 // lapses, under the same root: workloads trust the root, so nothing changes
 // for them. Replicas sharing a Secret may both try; the store lets one win
 // and the others adopt its CA (Follow also picks it up between renewals).
 type Renewer struct {
-	Store     Store
-	Source    *Source
+	Store  Store
+	Source *Source
+	// Upstream, for a CA whose root is someone else's (step-ca), is asked
+	// for each new intermediate; otherwise meshid's root key signs it.
+	Upstream  *UpstreamCA
 	Algorithm Algorithm
 	TTL       time.Duration // of a new intermediate
 	// Follow is how often the store is read for a CA changed elsewhere (an
@@ -76,14 +83,22 @@ func (r *Renewer) use(m *Material) error {
 // afterwards: m, a renewed one, or the one another replica stored.
 func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
 	now := r.now()
-	if m.RootKey == nil {
+	if m.RootKey == nil && r.Upstream == nil {
 		return m, errors.New("keys: cannot renew the intermediate of a CA whose root key meshid does not hold")
 	}
-	if now.Before(RenewAt(m.CACert)) {
+	if now.Before(renewAt(m)) {
 		return m, nil
 	}
 	next := *m
-	err := next.RenewIntermediate(r.Algorithm, r.TTL, now)
+	var err error
+	if r.Upstream != nil {
+		var got *Material
+		if got, err = r.Upstream.Intermediate(ctx, now); err == nil {
+			next = *got
+		}
+	} else {
+		err = next.RenewIntermediate(r.Algorithm, r.TTL, now)
+	}
 	if err == nil {
 		err = r.Store.Save(ctx, m, &next)
 	}
@@ -118,11 +133,17 @@ func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
 // tests use): one renewal a minute at most.
 const minRenewGap = time.Minute
 
+// maxRenewRetry bounds the backoff between failed renewals: an upstream
+// that is down is asked again at least this often.
+const maxRenewRetry = 10 * time.Minute
+
 // Run checks at each renewal time (and every Follow) until ctx ends,
-// retrying a failed renewal every minute.
+// retrying a failed renewal after a minute, then backing off to
+// maxRenewRetry.
 func (r *Renewer) Run(ctx context.Context, m *Material) {
+	retry := time.Minute
 	for {
-		wait := max(time.Until(RenewAt(m.CACert)), time.Until(r.last.Add(minRenewGap)), 0)
+		wait := max(time.Until(renewAt(m)), time.Until(r.last.Add(minRenewGap)), 0)
 		if r.Follow > 0 {
 			wait = min(wait, r.Follow)
 		}
@@ -142,14 +163,16 @@ func (r *Renewer) Run(ctx context.Context, m *Material) {
 		}
 		next, err := r.Check(ctx, m)
 		if err != nil {
-			r.log().Error("renewing the intermediate failed; retrying in a minute", "error", err, "ca_not_after", m.CACert.NotAfter.UTC())
+			r.log().Error("renewing the intermediate failed; retrying", "error", err, "retry_in", retry, "ca_not_after", m.CACert.NotAfter.UTC())
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(time.Minute):
+			case <-time.After(retry):
 			}
+			retry = min(2*retry, maxRenewRetry)
 			continue
 		}
+		retry = time.Minute
 		m = next
 	}
 }

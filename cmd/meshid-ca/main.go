@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/meshid/meshid/ca/stepca"
 	"log/slog"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"syscall"
 	"time"
 
@@ -227,7 +229,26 @@ func run(ctx context.Context, o *options) error {
 	// A CA meshid generated lives in a store: the state directory, or a
 	// Secret the replicas share. Both renewal and root rotation write it.
 	var store keys.Store
-	if o.caSource == sourceDir {
+	var upstream *keys.UpstreamCA
+	if o.caSource == sourceStep {
+		client, err := stepca.New(stepca.Config{URL: o.stepURL, Root: o.stepRoot, Provisioner: o.stepProvisioner, Password: o.stepPassword, TrustDomain: o.td})
+		if err != nil {
+			return err
+		}
+		upstream = &keys.UpstreamCA{Upstream: client, Root: o.stepRoot, TrustDomain: o.td, Algorithm: o.algorithm, TTL: o.intermediateTTL}
+		// A wrong password or provisioner stops the start; step-ca being
+		// unreachable does not (a stored intermediate keeps signing).
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = client.Check(cctx)
+		cancel()
+		switch {
+		case errors.Is(err, stepca.ErrConfig):
+			return err
+		case err != nil:
+			log.Warn("step-ca not reached at start; a stored intermediate signs meanwhile", "error", err)
+		}
+	}
+	if o.caSource == sourceDir || (o.caSource == sourceStep && o.caStore == "dir") {
 		dir, err := keys.OpenStateDir(o.stateDir)
 		if err != nil {
 			return err
@@ -235,6 +256,7 @@ func run(ctx context.Context, o *options) error {
 		defer dir.Close()
 		store = dir
 		r := renewer(o, dir, &issuers, o.caSync, log, reg)
+		r.Upstream = upstream
 		m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 			return dir.LoadOrCreate(create)
 		})
@@ -245,11 +267,13 @@ func run(ctx context.Context, o *options) error {
 		go r.Run(ctx, m)
 	}
 
-	if o.caSource == sourceSecret {
+	if o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") {
 		store = &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
 	}
 	var rotator *rotation.Rotator
-	if store != nil {
+	// Root rotation is meshid's only for a root it holds the key of; under
+	// step-ca, step-ca's operators own the root.
+	if store != nil && upstream == nil {
 		var bundles rotation.Bundles
 		if o.bundleConfigMap != "" && kube != nil {
 			bundles = &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap}
@@ -420,12 +444,12 @@ func run(ctx context.Context, o *options) error {
 		}()
 	}
 
-	if o.caSource == sourceSecret {
-		secret := store.(*keys.Secret)
+	if secret, ok := store.(*keys.Secret); ok {
 		go func() {
 			// Replicas share the Secret: each also reads it every
 			// --ca-sync-interval for another one's renewal or rotation step.
 			r := renewer(o, secret, &issuers, o.caSync, log, reg)
+			r.Upstream = upstream
 			m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
 					return secret.LoadOrCreate(ctx, create)
@@ -539,19 +563,33 @@ func leafOf(c *tls.Certificate) *x509.Certificate {
 // An intermediate found due for renewal (or expired, after a long stop) is
 // renewed by r before anything is signed with it.
 func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Renewer, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*keys.Material, *ca.Issuer, error) {
-	m, created, err := loadOrCreate(func() (*keys.Material, error) {
+	create := func() (*keys.Material, error) {
 		return keys.Generate(keys.Options{
 			TrustDomain:     o.td.String(),
 			Algorithm:       o.algorithm,
 			RootTTL:         o.rootTTL,
 			IntermediateTTL: o.intermediateTTL,
 		})
-	})
+	}
+	if r.Upstream != nil {
+		create = func() (*keys.Material, error) { return r.Upstream.Intermediate(ctx, time.Now()) }
+	}
+	m, created, err := loadOrCreate(create)
 	if err != nil {
 		return nil, nil, err
 	}
+	if r.Upstream != nil && !slices.ContainsFunc(m.Roots, r.Upstream.Root.Equal) {
+		// step-ca's root changed under a stored intermediate: switching
+		// at once would break every connection between workloads that
+		// hold certificates of the two roots.
+		return nil, nil, fmt.Errorf("the stored intermediate (%s) chains to a root other than --step-root-file (%s): a new step-ca root must reach every workload before meshid signs under it; not automated yet (deploy/step-ca.md)",
+			ca.Fingerprint(m.CACert), ca.Fingerprint(r.Upstream.Root))
+	}
 	msg := "CA loaded"
-	if created {
+	switch {
+	case created && r.Upstream != nil:
+		msg = "CA intermediate signed by step-ca"
+	case created:
 		msg = "CA generated"
 	}
 	root := m.RootCert
@@ -562,7 +600,7 @@ func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Re
 		"root_fingerprint", ca.Fingerprint(root), "root_not_after", root.NotAfter.UTC(),
 		"ca_fingerprint", ca.Fingerprint(m.CACert), "ca_not_after", m.CACert.NotAfter.UTC(),
 		"key", keyDescription(m.CACert))
-	if m.RootKey != nil && !time.Now().Before(keys.RenewAt(m.CACert)) {
+	if (m.RootKey != nil || r.Upstream != nil) && !time.Now().Before(m.RenewAt()) {
 		if m, err = r.Check(ctx, m); err != nil {
 			return nil, nil, err
 		}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,6 +28,7 @@ const (
 	sourceDir    = "dir"
 	sourceSecret = "secret"
 	sourcePlugin = "plugin"
+	sourceStep   = "step"
 
 	authKubernetes  = "kubernetes"
 	authTokenReview = "tokenreview"
@@ -48,6 +51,13 @@ type options struct {
 	namespace       string
 	secretName      string
 	pluginDir       string
+	caStore         string
+	stepURL         string
+	stepRootFile    string
+	stepRoot        *x509.Certificate
+	stepProvisioner string
+	stepPassword    []byte
+	stepPassFile    string
 	pluginPoll      time.Duration
 	keyType         string
 	rootTTL         time.Duration
@@ -132,7 +142,12 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.dnsNames, "serving-dns-names", nil, "DNS names (and IP addresses) of the CA's own TLS certificate (default: meshid-ca and its Service names in --namespace, istiod.istio-system.svc, localhost, 127.0.0.1, ::1)")
 	fs.DurationVar(&o.servingTTL, "serving-cert-ttl", server.DefaultServingTTL, "lifetime of the CA's own TLS certificate; renewed at half")
 
-	fs.StringVar(&o.caSource, "ca-source", sourceDir, "where the CA key lives: dir (state directory), secret (Kubernetes Secret) or plugin (Istio cacerts files)")
+	fs.StringVar(&o.caSource, "ca-source", sourceDir, "where the CA key lives: dir (state directory), secret (Kubernetes Secret), plugin (Istio cacerts files), or step (meshid makes the intermediate's key and smallstep's step-ca signs it, under step-ca's root; kept in --ca-store)")
+	fs.StringVar(&o.caStore, "ca-store", "dir", "with --ca-source=step, where the intermediate and its key are kept: dir (--state-dir) or secret (--secret-name, which replicas share)")
+	fs.StringVar(&o.stepURL, "step-ca-url", "", "with --ca-source=step, step-ca's address (https://host:port)")
+	fs.StringVar(&o.stepRootFile, "step-root-file", "", "with --ca-source=step, step-ca's root certificate (PEM): trusted for step-ca's TLS and the mesh's root")
+	fs.StringVar(&o.stepProvisioner, "step-provisioner", "meshid", "with --ca-source=step, the name of step-ca's JWK provisioner meshid uses (its X.509 template must allow a path-length-0 CA name constrained to the trust domain: deploy/step-ca.md)")
+	fs.StringVar(&o.stepPassFile, "step-password-file", "", "with --ca-source=step, a file holding the provisioner's password (a mounted Secret)")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/meshid", "state directory for --ca-source=dir; created with mode 0700")
 	fs.StringVar(&o.namespace, "namespace", "", "the CA's namespace, for --ca-source=secret and the default DNS names (default: the pod's namespace, else meshid-system)")
 	fs.StringVar(&o.secretName, "secret-name", "meshid-ca", "Secret holding the CA for --ca-source=secret")
@@ -248,6 +263,35 @@ func (o *options) complete() error {
 		if o.secretName == "" {
 			bad("--secret-name is required with --ca-source=secret")
 		}
+	case sourceStep:
+		switch o.caStore {
+		case "dir":
+			if o.stateDir == "" {
+				bad("--state-dir is required with --ca-store=dir")
+			}
+		case "secret":
+			if o.secretName == "" {
+				bad("--secret-name is required with --ca-store=secret")
+			}
+		default:
+			bad("--ca-store must be dir or secret, not %q", o.caStore)
+		}
+		if o.stepURL == "" || o.stepRootFile == "" || o.stepPassFile == "" || o.stepProvisioner == "" {
+			bad("--ca-source=step needs --step-ca-url, --step-root-file, --step-provisioner and --step-password-file")
+			break
+		}
+		if b, err := os.ReadFile(o.stepRootFile); err != nil {
+			bad("--step-root-file: %v", err)
+		} else if roots, err := ca.ParseCertificatesPEM(b); err != nil || len(roots) != 1 || !roots[0].IsCA {
+			bad("--step-root-file %s: want step-ca's one root CA certificate (PEM)", o.stepRootFile)
+		} else {
+			o.stepRoot = roots[0]
+		}
+		if b, err := os.ReadFile(o.stepPassFile); err != nil {
+			bad("--step-password-file: %v", err)
+		} else if o.stepPassword = bytes.TrimRight(b, "\r\n"); len(o.stepPassword) == 0 {
+			bad("--step-password-file %s is empty", o.stepPassFile)
+		}
 	case sourcePlugin:
 		if o.pluginDir == "" {
 			bad("--plugin-dir is required with --ca-source=plugin")
@@ -256,7 +300,7 @@ func (o *options) complete() error {
 			bad("--plugin-poll-interval must be positive")
 		}
 	default:
-		bad("--ca-source must be dir, secret or plugin, not %q", o.caSource)
+		bad("--ca-source must be dir, secret, plugin or step, not %q", o.caSource)
 	}
 	if o.algorithm, err = keys.ParseAlgorithm(o.keyType); err != nil {
 		bad("--ca-key-type: %v", err)
@@ -405,7 +449,7 @@ func (o *options) complete() error {
 
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != ""
+	return o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != ""
 }
 
 func (o *options) limits() server.Limits {

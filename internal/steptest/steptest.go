@@ -50,6 +50,9 @@ type CA struct {
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
 	stop   sync.Once
+	bin    string
+	pki    *PKI
+	addr   string
 }
 
 // Binary returns the path of step-ca, or skips t (fails it under
@@ -106,7 +109,11 @@ func Start(t testing.TB, opts Options) *CA {
 	// it: try again with another one then.
 	const attempts = 3
 	for i := 1; ; i++ {
-		ca, err := start(t, bin, pki, dir)
+		addr, err := freeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ca, err := start(t, bin, pki, dir, addr)
 		if err == nil {
 			return ca
 		}
@@ -118,12 +125,21 @@ func Start(t testing.TB, opts Options) *CA {
 
 var errAddrInUse = errors.New("address already in use")
 
-func start(t testing.TB, bin string, pki *PKI, dir string) (*CA, error) {
+// Restart stops step-ca (if it runs) and starts it again with the same
+// PKI, directory and address, as after an outage; it returns the new
+// process's CA.
+func (ca *CA) Restart(t testing.TB) *CA {
 	t.Helper()
-	addr, err := freeAddr()
+	ca.Stop()
+	next, err := start(t, ca.bin, ca.pki, ca.Dir, ca.addr)
 	if err != nil {
-		return nil, err
+		t.Fatal(err)
 	}
+	return next
+}
+
+func start(t testing.TB, bin string, pki *PKI, dir, addr string) (*CA, error) {
+	t.Helper()
 	config, err := pki.WriteConfig(dir, addr)
 	if err != nil {
 		return nil, err
@@ -157,6 +173,9 @@ func start(t testing.TB, bin string, pki *PKI, dir string) (*CA, error) {
 		Dir:          dir,
 		cmd:          cmd,
 		exited:       make(chan struct{}),
+		bin:          bin,
+		pki:          pki,
+		addr:         addr,
 	}
 	go func() {
 		cmd.Wait()

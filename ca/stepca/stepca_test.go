@@ -1,0 +1,144 @@
+package stepca_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/ca/stepca"
+	"github.com/meshid/meshid/internal/steptest"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+func client(t *testing.T, s *steptest.CA, provisioner, password string) *stepca.Client {
+	t.Helper()
+	c, err := stepca.New(stepca.Config{URL: s.URL, Root: s.Root, Provisioner: provisioner, Password: []byte(password), TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// upstream is meshid-ca's use of a step-ca: P-256 intermediates of ttl.
+func upstream(c *stepca.Client, s *steptest.CA, ttl time.Duration) *keys.UpstreamCA {
+	return &keys.UpstreamCA{Upstream: c, Root: s.Root, TrustDomain: td, Algorithm: keys.ECDSAP256, TTL: ttl}
+}
+
+// TestIntermediateFromStepCA: a real step-ca signs meshid's intermediate;
+// meshid checks it and signs workloads under step-ca's root with it.
+func TestIntermediateFromStepCA(t *testing.T) {
+	s := steptest.Start(t, steptest.Options{})
+	ctx := context.Background()
+	c := client(t, s, s.Provisioner.Name, s.Provisioner.Password)
+	if err := c.Check(ctx); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	m, err := upstream(c, s, 48*time.Hour).Intermediate(ctx, now)
+	if err != nil {
+		t.Fatalf("intermediate from step-ca: %v", err)
+	}
+	if len(m.Chain) != 1 || !m.Chain[0].Equal(s.Intermediate) || len(m.Roots) != 1 || !m.Roots[0].Equal(s.Root) || m.RootKey != nil {
+		t.Errorf("material: chain %d, roots %d", len(m.Chain), len(m.Roots))
+	}
+	if got := m.CACert.NotAfter.Sub(now); got < 47*time.Hour || got > 49*time.Hour {
+		t.Errorf("lifetime %s, asked 48h", got)
+	}
+	if _, err := m.Issuer(now); err != nil {
+		t.Errorf("issuer: %v", err)
+	}
+	// Round trip through the stored form (the Secret or the state dir).
+	files, err := m.Files()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := keys.ParseFiles(files)
+	if err != nil || !back.Equal(m) {
+		t.Errorf("stored form: %v", err)
+	}
+}
+
+func TestStepCARefusals(t *testing.T) {
+	s := steptest.Start(t, steptest.Options{})
+	ctx := context.Background()
+	for name, tc := range map[string]struct{ provisioner, password, want string }{
+		"wrong password":      {s.Provisioner.Name, "not-the-password", "wrong password"},
+		"no such provisioner": {"nobody", s.Provisioner.Password, "no provisioner of that name"},
+	} {
+		err := client(t, s, tc.provisioner, tc.password).Check(ctx)
+		if !errors.Is(err, stepca.ErrConfig) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), s.URL) {
+			t.Errorf("%s: %v, want ErrConfig saying %q and naming step-ca", name, err, tc.want)
+		}
+	}
+	if _, err := stepca.New(stepca.Config{URL: "http://" + strings.TrimPrefix(s.URL, "https://"), Root: s.Root, Provisioner: "p", Password: []byte("x"), TrustDomain: td}); err == nil {
+		t.Error("an http:// step-ca URL was accepted")
+	}
+}
+
+// TestStepInitPKIRefused: under a PKI made by `step ca init` (root path
+// length 1, step-ca's intermediate 0) step-ca signs meshid's intermediate,
+// but no workload under it would verify: meshid refuses it.
+func TestStepInitPKIRefused(t *testing.T) {
+	s := steptest.Start(t, steptest.Options{StepInitPathLens: true})
+	c := client(t, s, s.Provisioner.Name, s.Provisioner.Password)
+	_, err := upstream(c, s, time.Hour).Intermediate(context.Background(), time.Now())
+	if !errors.Is(err, keys.ErrUpstreamIntermediate) || !strings.Contains(err.Error(), "path length") {
+		t.Fatalf("%v, want a refusal naming the path length", err)
+	}
+}
+
+// TestRenewalThroughStepCA: the renewer asks step-ca for a new
+// intermediate when the current one is due; with step-ca down it keeps the
+// current one and says so, and renews once step-ca is back.
+func TestRenewalThroughStepCA(t *testing.T) {
+	s := steptest.Start(t, steptest.Options{})
+	ctx := context.Background()
+	c := client(t, s, s.Provisioner.Name, s.Provisioner.Password)
+	up := upstream(c, s, 30*time.Minute)
+	m, err := up.Intermediate(ctx, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := keys.OpenStateDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	if _, _, err := store.LoadOrCreate(func() (*keys.Material, error) { return m, nil }); err != nil {
+		t.Fatal(err)
+	}
+	var src keys.Source
+	due := m.RenewAt().Add(time.Second)
+	var results []error
+	r := &keys.Renewer{Store: store, Source: &src, Upstream: up, Now: func() time.Time { return due }, Renewed: func(err error) { results = append(results, err) }}
+
+	s.Stop()
+	got, err := r.Check(ctx, m)
+	if err == nil || got != m || src.Issuer() != nil {
+		t.Fatalf("step-ca down: %v (kept the current CA: %v)", err, got == m)
+	}
+	if !strings.Contains(err.Error(), s.URL) {
+		t.Errorf("the error does not name step-ca: %v", err)
+	}
+	s = s.Restart(t)
+	got, err = r.Check(ctx, m)
+	if err != nil {
+		t.Fatalf("step-ca back: %v", err)
+	}
+	if got.CACert.Equal(m.CACert) || !got.Roots[0].Equal(s.Root) || src.Issuer() == nil {
+		t.Fatal("not renewed through step-ca")
+	}
+	stored, err := store.Load(ctx)
+	if err != nil || !stored.Equal(got) {
+		t.Errorf("the renewed intermediate is not what the store holds: %v", err)
+	}
+	if len(results) != 2 || results[0] == nil || results[1] != nil {
+		t.Errorf("renewal results %v, want a failure then a success", results)
+	}
+}
