@@ -120,6 +120,15 @@ func run(ctx context.Context, o *options) error {
 	var issuers keys.Source
 	metrics := server.NewMetrics(reg, &issuers)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meshid_ca_intermediate_renewal_due_timestamp_seconds",
+		Help: "When the signing intermediate is due for renewal (a third of its life, or of a CA above it short of the root, before it lapses), as a Unix time; 0 for a CA meshid does not renew (plug-in).",
+	}, func() float64 {
+		if at := issuers.RenewAt(); !at.IsZero() {
+			return float64(at.Unix())
+		}
+		return 0
+	}))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "meshid_ca_root_rotation_stage",
 		Help: "Root rotation stage this replica signs at: 0 none, 1 prepared, 2 distributed, 3 switched.",
 	}, func() float64 {
