@@ -14,7 +14,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/keys"
+	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/satoken"
 	"github.com/meshid/meshid/internal/steptest"
 )
@@ -105,5 +109,55 @@ func TestStepCAUpstream(t *testing.T) {
 	}
 	if b, err := src.GetX509BundleForTrustDomain(td); err != nil || len(b.X509Authorities()) != 1 || !b.X509Authorities()[0].Equal(s.Root) {
 		t.Errorf("go-spiffe's bundle is not step-ca's root: %v", err)
+	}
+}
+
+// TestStepCAReplicasShareOneIntermediate: two meshid-ca replicas under one
+// step-ca, starting together with --ca-store=secret, end signing with the
+// same intermediate, the one the Secret holds.
+func TestStepCAReplicasShareOneIntermediate(t *testing.T) {
+	s := steptest.Start(t, steptest.Options{})
+	cluster := kubetest.Start(t)
+	cluster.ServiceAccount(t, "meshid-system", "meshid-ca")
+	cluster.ServiceAccount(t, "shop", "web")
+	dir := t.TempDir()
+	rootFile := filepath.Join(dir, "step-root.pem")
+	mustWrite(t, rootFile, ca.EncodePEM(s.Root), 0o644)
+	passFile := filepath.Join(dir, "step-password")
+	mustWrite(t, passFile, []byte(s.Provisioner.Password), 0o600)
+	args := []string{"--auth=tokenreview", "--kubeconfig=" + cluster.Kubeconfig, "--namespace=meshid-system",
+		"--ca-source=step", "--ca-store=secret", "--secret-name=meshid-ca", "--step-ca-url=" + s.URL,
+		"--step-root-file=" + rootFile, "--step-provisioner=" + s.Provisioner.Name, "--step-password-file=" + passFile, "--intermediate-ttl=72h"}
+	replicas := []*caProcess{launchCA(t, args...), launchCA(t, args...)}
+	for _, p := range replicas {
+		p.WaitServing(t)
+	}
+	for _, p := range replicas {
+		p.WaitReady(t, 60*time.Second)
+	}
+	sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(context.Background(), "meshid-ca", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored, err := ca.ParseCertificatesPEM(sec.Data[keys.CACertFile])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := sec.Data[keys.RootKeyFile]; ok {
+		t.Error("the Secret holds a root key: step-ca's root key is step-ca's")
+	}
+	token := cluster.Token(t, "shop", "web", "istio-ca")
+	web := spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("cluster.local"), "/ns/shop/sa/web")
+	for i, p := range replicas {
+		chain, err := sign(context.Background(), p.Client(t, []*x509.Certificate{s.Root}), web, token)
+		if err != nil {
+			t.Fatalf("replica %d: %v", i, err)
+		}
+		if !chain[1].Equal(stored[0]) {
+			t.Errorf("replica %d signs with intermediate %s, the Secret holds %s", i, ca.Fingerprint(chain[1]), ca.Fingerprint(stored[0]))
+		}
+		if !chain[len(chain)-1].Equal(s.Root) {
+			t.Errorf("replica %d: the answer does not end with step-ca's root", i)
+		}
 	}
 }
