@@ -25,6 +25,8 @@ type StateDir struct {
 	path string
 	lock *os.File
 	mu   sync.Mutex // one Save at a time: the renewer and a root rotation both write
+	// Key is the CA key when it lives in a KMS or HSM; nil: in the files.
+	Key *External
 }
 
 // OpenStateDir creates path (mode 0700) if needed and locks it.
@@ -64,7 +66,7 @@ func (d *StateDir) LoadOrCreate(create func() (*Material, error)) (m *Material, 
 	files, err := readFiles(caDir)
 	switch {
 	case err == nil:
-		m, err := ParseFiles(files)
+		m, err := ParseFilesWithKey(files, d.Key)
 		if err != nil {
 			return nil, false, fmt.Errorf("%w (in %s)", err, caDir)
 		}
@@ -89,7 +91,7 @@ func (d *StateDir) Load(context.Context) (*Material, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := ParseFiles(files)
+	m, err := ParseFilesWithKey(files, d.Key)
 	if err != nil {
 		return nil, fmt.Errorf("%w (in %s)", err, caDir)
 	}
@@ -171,7 +173,7 @@ func readFiles(dir string) (map[string][]byte, error) {
 		return nil, fmt.Errorf("keys: %w", err)
 	}
 	files := make(map[string][]byte)
-	for _, name := range []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile, RootKeyFile,
+	for _, name := range []string{CACertFile, CAKeyFile, CAKeyURIFile, CertChainFile, RootCertFile, RootKeyFile,
 		RotationFile, NextRootCertFile, NextRootKeyFile, NextCACertFile, NextCAKeyFile} {
 		data, err := os.ReadFile(filepath.Join(dir, name))
 		if errors.Is(err, fs.ErrNotExist) {

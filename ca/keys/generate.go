@@ -61,6 +61,9 @@ type Options struct {
 	RootTTL         time.Duration
 	IntermediateTTL time.Duration
 	Now             time.Time
+	// CAKey, when set, is the intermediate's key, in a KMS or HSM
+	// (--ca-key-uri); otherwise one is generated.
+	CAKey *External
 }
 
 // Defaults for generated CAs.
@@ -118,6 +121,9 @@ func Generate(opts Options) (*Material, error) {
 		return nil, fmt.Errorf("keys: %w", err)
 	}
 	m := &Material{RootCert: root, RootKey: rootKey, Roots: []*x509.Certificate{root}}
+	if opts.CAKey != nil {
+		m.CAKey, m.KeyURI = opts.CAKey.Signer, opts.CAKey.URI
+	}
 	if err := m.RenewIntermediate(opts.Algorithm, opts.IntermediateTTL, opts.Now); err != nil {
 		return nil, err
 	}
@@ -130,9 +136,13 @@ func (m *Material) RenewIntermediate(alg Algorithm, ttl time.Duration, now time.
 	if m.RootKey == nil {
 		return fmt.Errorf("keys: renewing the intermediate needs the root key")
 	}
-	key, err := GenerateKey(alg)
-	if err != nil {
-		return err
+	// A key in a KMS or HSM stays: the new certificate certifies it again.
+	key := m.CAKey
+	if m.KeyURI == "" {
+		var err error
+		if key, err = GenerateKey(alg); err != nil {
+			return err
+		}
 	}
 	notAfter := now.Add(ttl)
 	if notAfter.After(m.RootCert.NotAfter) {

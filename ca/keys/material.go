@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
+	"strings"
 	"time"
 
 	"github.com/meshid/meshid/ca"
@@ -22,6 +24,9 @@ const (
 	CertChainFile = "cert-chain.pem"
 	RootCertFile  = "root-cert.pem"
 	RootKeyFile   = "root-key.pem" // only where meshid owns the root
+	// CAKeyURIFile replaces ca-key.pem when the CA key lives in a KMS or
+	// HSM (--ca-key-uri): it names the key, never a PIN.
+	CAKeyURIFile = "ca-key.uri"
 )
 
 // Material is a CA: the signing certificate and key, the certificates between
@@ -35,6 +40,34 @@ type Material struct {
 	RootCert *x509.Certificate   // the root meshid owns; nil for a plug-in CA
 	RootKey  crypto.Signer       // its key; nil for a plug-in CA
 	Rotation *Rotation           // a root rotation under way; nil when none
+	// KeyURI, when set, says CAKey lives in a KMS or HSM under that name
+	// (no secrets in it): the stored form holds the name, not the key, and
+	// each new intermediate certifies the same key.
+	KeyURI string
+}
+
+// External is a CA key that lives in a KMS or HSM (--ca-key-uri).
+type External struct {
+	Signer crypto.Signer
+	URI    string // what to record in ca-key.uri (no PIN)
+}
+
+// attach gives m the external key its stored form names, checking that it
+// is the key the CA certificate certifies. With ext nil, m must hold its
+// key itself.
+func (m *Material) attach(ext *External) error {
+	switch {
+	case ext == nil && m.CAKey == nil:
+		return fmt.Errorf("keys: the CA key is in a KMS or HSM (%s), and no --ca-key-uri names it", m.KeyURI)
+	case ext == nil:
+		return nil
+	case m.CAKey != nil && m.KeyURI == "":
+		return fmt.Errorf("keys: the stored CA has its key in %s, and --ca-key-uri names a key in a KMS or HSM: keep one (a new CA, or the files' key)", CAKeyFile)
+	case !publicKeyEqual(ext.Signer.Public(), m.CACert.PublicKey):
+		return fmt.Errorf("keys: the key --ca-key-uri names (%s) is not the one the stored CA certificate certifies (%s)", ext.URI, m.KeyURI)
+	}
+	m.CAKey, m.KeyURI = ext.Signer, ext.URI
+	return nil
 }
 
 // Equal reports whether m and o are the same CA in the same rotation stage:
@@ -55,6 +88,9 @@ func (m *Material) Equal(o *Material) bool {
 
 // Issuer checks the material and returns the issuer it makes at time now.
 func (m *Material) Issuer(now time.Time) (*ca.Issuer, error) {
+	if m.CAKey == nil {
+		return nil, fmt.Errorf("keys: the CA key is in a KMS or HSM (%s), and no --ca-key-uri names it", m.KeyURI)
+	}
 	if m.RootKey != nil {
 		if m.RootCert == nil || !publicKeyEqual(m.RootKey.Public(), m.RootCert.PublicKey) {
 			return nil, fmt.Errorf("keys: %s does not match the root certificate", RootKeyFile)
@@ -65,13 +101,15 @@ func (m *Material) Issuer(now time.Time) (*ca.Issuer, error) {
 
 // Files encodes the material in the cacerts layout.
 func (m *Material) Files() (map[string][]byte, error) {
-	caKey, err := encodeKey(m.CAKey)
-	if err != nil {
-		return nil, err
-	}
-	files := map[string][]byte{
-		CACertFile: ca.EncodePEM(m.CACert),
-		CAKeyFile:  caKey,
+	files := map[string][]byte{CACertFile: ca.EncodePEM(m.CACert)}
+	if m.KeyURI != "" {
+		files[CAKeyURIFile] = []byte(m.KeyURI + "\n")
+	} else {
+		caKey, err := encodeKey(m.CAKey)
+		if err != nil {
+			return nil, err
+		}
+		files[CAKeyFile] = caKey
 	}
 	chain := ca.EncodePEM(m.CACert)
 	for _, c := range m.Chain {
@@ -102,12 +140,34 @@ func (m *Material) Files() (map[string][]byte, error) {
 // errMissing reports an absent required file.
 var errMissing = fs.ErrNotExist
 
+// ParseFilesWithKey is ParseFiles for a store whose CA key may be in a KMS
+// or HSM: ext is that key (nil: none). Files without a key of their own
+// (a plug-in CA's cacerts without ca-key.pem) take ext.
+func ParseFilesWithKey(files map[string][]byte, ext *External) (*Material, error) {
+	if ext != nil && len(files[CAKeyFile]) == 0 && len(files[CAKeyURIFile]) == 0 {
+		files = maps.Clone(files)
+		files[CAKeyURIFile] = []byte(ext.URI)
+	}
+	m, err := ParseFiles(files)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.attach(ext); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // ParseFiles decodes material from the cacerts layout. ca-cert.pem,
 // ca-key.pem and root-cert.pem are required; cert-chain.pem may be absent
 // when the CA certificate is signed by a root directly, and may or may not
 // repeat ca-cert.pem first and the root last, as Istio's tools write it.
 func ParseFiles(files map[string][]byte) (*Material, error) {
-	for _, name := range []string{CACertFile, CAKeyFile, RootCertFile} {
+	keyFile := CAKeyFile
+	if len(files[CAKeyFile]) == 0 && len(files[CAKeyURIFile]) > 0 {
+		keyFile = CAKeyURIFile
+	}
+	for _, name := range []string{CACertFile, keyFile, RootCertFile} {
 		if len(files[name]) == 0 {
 			return nil, fmt.Errorf("keys: %s: %w", name, errMissing)
 		}
@@ -117,11 +177,16 @@ func ParseFiles(files map[string][]byte) (*Material, error) {
 		return nil, fmt.Errorf("keys: %s: %w", CACertFile, err)
 	}
 	m := &Material{CACert: caCerts[0]}
-	if m.CAKey, err = parseKey(files[CAKeyFile]); err != nil {
-		return nil, fmt.Errorf("keys: %s: %w", CAKeyFile, err)
-	}
-	if !publicKeyEqual(m.CAKey.Public(), m.CACert.PublicKey) {
-		return nil, fmt.Errorf("keys: %s does not match the certificate in %s", CAKeyFile, CACertFile)
+	if keyFile == CAKeyURIFile {
+		// The key is in a KMS or HSM: the store attaches it (attach).
+		m.KeyURI = strings.TrimSpace(string(files[CAKeyURIFile]))
+	} else {
+		if m.CAKey, err = parseKey(files[CAKeyFile]); err != nil {
+			return nil, fmt.Errorf("keys: %s: %w", CAKeyFile, err)
+		}
+		if !publicKeyEqual(m.CAKey.Public(), m.CACert.PublicKey) {
+			return nil, fmt.Errorf("keys: %s does not match the certificate in %s", CAKeyFile, CACertFile)
+		}
 	}
 	if m.Roots, err = ca.ParseCertificatesPEM(files[RootCertFile]); err != nil {
 		return nil, fmt.Errorf("keys: %s: %w", RootCertFile, err)

@@ -15,6 +15,9 @@ import (
 type Plugin struct {
 	Dir string
 	Now func() time.Time // nil means time.Now
+	// Key is the CA key when it lives in a KMS or HSM (the directory then
+	// holds no ca-key.pem); nil: ca-key.pem.
+	Key *External
 
 	loaded [32]byte // digest of what Load loaded, where Watch starts from
 }
@@ -34,7 +37,7 @@ func (p *Plugin) Load() (*ca.Issuer, error) {
 }
 
 func (p *Plugin) parse(files map[string][]byte) (*ca.Issuer, error) {
-	m, err := ParseFiles(files)
+	m, err := ParseFilesWithKey(files, p.Key)
 	if err != nil {
 		return nil, err
 	}

@@ -84,6 +84,9 @@ func (m *Material) PrepareRotation(alg Algorithm, rootTTL, caTTL time.Duration, 
 	if m.RootKey == nil {
 		return nil, errors.New("keys: rotating the root needs a CA whose root key meshid holds; replace a plug-in CA's files instead")
 	}
+	if m.KeyURI != "" {
+		return nil, errors.New("keys: rotating the root of a CA whose key is in a KMS or HSM (--ca-key-uri) is not supported yet")
+	}
 	org := m.RootCert.Subject.Organization
 	td := ""
 	if len(org) > 0 {

@@ -16,6 +16,8 @@ type Secret struct {
 	Client    corev1client.SecretsGetter
 	Namespace string
 	Name      string
+	// Key is the CA key when it lives in a KMS or HSM; nil: in the Secret.
+	Key *External
 }
 
 // Load reads the CA from the Secret.
@@ -110,7 +112,7 @@ func (s *Secret) LoadOrCreate(ctx context.Context, create func() (*Material, err
 }
 
 func (s *Secret) parse(sec *corev1.Secret) (*Material, error) {
-	m, err := ParseFiles(sec.Data)
+	m, err := ParseFilesWithKey(sec.Data, s.Key)
 	if err != nil {
 		return nil, fmt.Errorf("%w (in secret %s/%s)", err, s.Namespace, s.Name)
 	}

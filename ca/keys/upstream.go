@@ -2,6 +2,7 @@ package keys
 
 import (
 	"context"
+	"crypto"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -30,6 +31,9 @@ type UpstreamCA struct {
 	TrustDomain spiffeid.TrustDomain
 	Algorithm   Algorithm
 	TTL         time.Duration
+	// Key, when set, is the intermediate's key in a KMS or HSM, certified
+	// anew at each renewal; otherwise each intermediate gets a new key.
+	Key *External
 }
 
 // ErrUpstreamIntermediate marks an intermediate the upstream signed that
@@ -43,9 +47,14 @@ var ErrUpstreamIntermediate = errors.New("keys: the upstream's intermediate is n
 // workload certificates under it (a workload certificate made with the new
 // key must verify to Root).
 func (u *UpstreamCA) Intermediate(ctx context.Context, now time.Time) (*Material, error) {
-	key, err := GenerateKey(u.Algorithm)
-	if err != nil {
-		return nil, err
+	var key crypto.Signer
+	if u.Key != nil {
+		key = u.Key.Signer
+	} else {
+		var err error
+		if key, err = GenerateKey(u.Algorithm); err != nil {
+			return nil, err
+		}
 	}
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
 		Subject: pkix.Name{CommonName: "meshid intermediate CA"},
@@ -61,6 +70,9 @@ func (u *UpstreamCA) Intermediate(ctx context.Context, now time.Time) (*Material
 	// Roots only.
 	chain = slices.DeleteFunc(slices.Clone(chain), func(c *x509.Certificate) bool { return c.Equal(u.Root) })
 	m := &Material{CACert: cert, CAKey: key, Chain: chain, Roots: []*x509.Certificate{u.Root}}
+	if u.Key != nil {
+		m.KeyURI = u.Key.URI
+	}
 	if err := u.check(m, now); err != nil {
 		return nil, err
 	}

@@ -222,11 +222,22 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 
+	// --ca-key-uri: the intermediate's key stays in the HSM.
+	var caKey *keys.External
+	if o.caKeyURI != "" {
+		k, err := keys.OpenKMSKey(ctx, o.caKeyURI, o.algorithm)
+		if err != nil {
+			return err
+		}
+		defer k.Close()
+		caKey = &k.External
+		log.Info("CA key in a KMS or HSM", "key", k.URI, "public_key_algorithm", fmt.Sprintf("%T", k.Signer.Public()))
+	}
 	// A plug-in CA that does not load is a configuration error: refuse to
 	// start. Generated CAs in a Secret are retried until the API server
 	// answers, with /readyz false meanwhile.
 	if o.caSource == sourcePlugin {
-		p := &keys.Plugin{Dir: o.pluginDir}
+		p := &keys.Plugin{Dir: o.pluginDir, Key: caKey}
 		is, err := p.Load()
 		if err != nil {
 			return fmt.Errorf("plug-in CA in %s: %w", o.pluginDir, err)
@@ -244,7 +255,7 @@ func run(ctx context.Context, o *options) error {
 		if err != nil {
 			return err
 		}
-		upstream = &keys.UpstreamCA{Upstream: client, Root: o.stepRoot, TrustDomain: o.td, Algorithm: o.algorithm, TTL: o.intermediateTTL}
+		upstream = &keys.UpstreamCA{Upstream: client, Root: o.stepRoot, TrustDomain: o.td, Algorithm: o.algorithm, TTL: o.intermediateTTL, Key: caKey}
 		// A wrong password or provisioner stops the start; step-ca being
 		// unreachable does not (a stored intermediate keeps signing).
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -263,10 +274,11 @@ func run(ctx context.Context, o *options) error {
 			return err
 		}
 		defer dir.Close()
+		dir.Key = caKey
 		store = dir
 		r := renewer(o, dir, &issuers, o.caSync, log, reg)
 		r.Upstream = upstream
-		m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+		m, is, err := loadGenerated(ctx, o, log, r, caKey, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 			return dir.LoadOrCreate(create)
 		})
 		if err != nil {
@@ -277,7 +289,7 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	if o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") {
-		store = &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName}
+		store = &keys.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.secretName, Key: caKey}
 	}
 	var rotator *rotation.Rotator
 	// Root rotation is meshid's only for a root it holds the key of; under
@@ -459,7 +471,7 @@ func run(ctx context.Context, o *options) error {
 			// --ca-sync-interval for another one's renewal or rotation step.
 			r := renewer(o, secret, &issuers, o.caSync, log, reg)
 			r.Upstream = upstream
-			m, is, err := loadGenerated(ctx, o, log, r, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
+			m, is, err := loadGenerated(ctx, o, log, r, caKey, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
 					return secret.LoadOrCreate(ctx, create)
 				})
@@ -571,13 +583,14 @@ func leafOf(c *tls.Certificate) *x509.Certificate {
 //
 // An intermediate found due for renewal (or expired, after a long stop) is
 // renewed by r before anything is signed with it.
-func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Renewer, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*keys.Material, *ca.Issuer, error) {
+func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Renewer, caKey *keys.External, loadOrCreate func(func() (*keys.Material, error)) (*keys.Material, bool, error)) (*keys.Material, *ca.Issuer, error) {
 	create := func() (*keys.Material, error) {
 		return keys.Generate(keys.Options{
 			TrustDomain:     o.td.String(),
 			Algorithm:       o.algorithm,
 			RootTTL:         o.rootTTL,
 			IntermediateTTL: o.intermediateTTL,
+			CAKey:           caKey,
 		})
 	}
 	if r.Upstream != nil {

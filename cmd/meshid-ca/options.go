@@ -52,6 +52,7 @@ type options struct {
 	secretName      string
 	pluginDir       string
 	caStore         string
+	caKeyURI        string
 	stepURL         string
 	stepRootFile    string
 	stepRoot        *x509.Certificate
@@ -143,6 +144,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.servingTTL, "serving-cert-ttl", server.DefaultServingTTL, "lifetime of the CA's own TLS certificate; renewed at half")
 
 	fs.StringVar(&o.caSource, "ca-source", sourceDir, "where the CA key lives: dir (state directory), secret (Kubernetes Secret), plugin (Istio cacerts files), or step (meshid makes the intermediate's key and smallstep's step-ca signs it, under step-ca's root; kept in --ca-store)")
+	fs.StringVar(&o.caKeyURI, "ca-key-uri", "", "the signing intermediate's key in an HSM, as a PKCS#11 URI (pkcs11:module-path=/usr/lib/softhsm/libsofthsm2.so;token=meshid;id=01;object=meshid-ca?pin-source=/etc/meshid/hsm/pin): made there if missing, never in meshid's memory or files, certified anew at each renewal; for every --ca-source")
 	fs.StringVar(&o.caStore, "ca-store", "dir", "with --ca-source=step, where the intermediate and its key are kept: dir (--state-dir) or secret (--secret-name, which replicas share)")
 	fs.StringVar(&o.stepURL, "step-ca-url", "", "with --ca-source=step, step-ca's address (https://host:port)")
 	fs.StringVar(&o.stepRootFile, "step-root-file", "", "with --ca-source=step, step-ca's root certificate (PEM): trusted for step-ca's TLS and the mesh's root")
