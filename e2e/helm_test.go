@@ -31,6 +31,7 @@ import (
 	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/pgtest"
 	"github.com/meshid/meshid/internal/poll"
+	"github.com/meshid/meshid/internal/steptest"
 )
 
 var chartDir = filepath.Join("..", "deploy", "charts", "meshid")
@@ -68,6 +69,12 @@ ledger: {type: sqlite, sqlite: {existingClaim: meshid-ledger}}
 `,
 	"ambient": `
 ambient: {nodeProxyServiceAccounts: [istio-system/ztunnel, istio-system/ztunnel-canary]}
+`,
+	// Under step-ca, one replica on SQLite, no agent.
+	"step": `
+ca: {replicas: 1, caSource: step, step: {url: "https://step-ca.pki.svc:9000"}}
+ledger: {type: sqlite}
+agent: {enabled: false}
 `,
 	// Ambient's node proxies and remote clusters, one replica on SQLite.
 	"ambient-multicluster": `
@@ -587,6 +594,24 @@ func TestHelmInstall(t *testing.T) {
 		}
 		if len(secrets.Items) != 1 {
 			t.Errorf("%d Secrets in mesh-ca, want only istio-cacerts", len(secrets.Items))
+		}
+	})
+
+	t.Run("step-ca", func(t *testing.T) {
+		s := steptest.Start(t, steptest.Options{})
+		cluster := kubetest.Start(t)
+		values := strings.Replace(chartVariants["step"], "https://step-ca.pki.svc:9000", s.URL, 1)
+		newApplier(t, cluster).applyTwice(t, renderChart(t, values))
+		createSecret(t, cluster, "meshid-system", "meshid-step", map[string][]byte{
+			"root_ca.crt": ca.EncodePEM(s.Root), "password": []byte(s.Provisioner.Password)})
+		p, _ := runDeployedCA(t, cluster, "meshid-system")
+		checkIssues(t, cluster, p, "istio-ca-root-cert", string(ca.EncodePEM(s.Root)), "cluster.local")
+		sec, err := cluster.Client.CoreV1().Secrets("meshid-system").Get(ctx, "meshid-ca", metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("the intermediate is not kept in the Secret: %v", err)
+		}
+		if _, ok := sec.Data[keys.RootKeyFile]; ok {
+			t.Error("the Secret holds a root key under step-ca")
 		}
 	})
 

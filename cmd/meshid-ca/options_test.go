@@ -74,7 +74,7 @@ func TestOptionsRefused(t *testing.T) {
 	}{
 		{[]string{"--trust-domain=Not A Domain"}, "--trust-domain"},
 		{[]string{"--audiences="}, "--audiences"},
-		{[]string{"--ca-source=vault"}, `--ca-source must be dir, secret or plugin, not "vault"`},
+		{[]string{"--ca-source=vault"}, `--ca-source must be dir, secret, plugin or step, not "vault"`},
 		{[]string{"--state-dir="}, "--state-dir is required"},
 		{[]string{"--ca-source=plugin", "--plugin-dir="}, "--plugin-dir is required"},
 		{[]string{"--ca-key-type=dsa"}, "--ca-key-type"},
@@ -112,6 +112,9 @@ func TestOptionsRefused(t *testing.T) {
 		{[]string{"--cluster-id="}, "--cluster-id must be a name of 1 to 253 characters"},
 		{[]string{"--remote-secret-selector=a in (b"}, "--remote-secret-selector:"},
 		{[]string{"--remote-bundle-configmaps"}, "--remote-bundle-configmaps needs --remote-secret-selector and --bundle-configmap"},
+		{[]string{"--ca-source=step"}, "--ca-source=step needs --step-ca-url, --step-root-file, --step-provisioner and --step-password-file"},
+		{[]string{"--ca-source=step", "--ca-store=vault"}, `--ca-store must be dir or secret, not "vault"`},
+		{[]string{"--ca-source=step", "--step-ca-url=https://s:9000", "--step-root-file=/nonexistent", "--step-password-file=/nonexistent"}, "--step-root-file: open /nonexistent"},
 	} {
 		_, err := parse(t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

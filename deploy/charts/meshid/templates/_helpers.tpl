@@ -38,6 +38,9 @@ ca.yaml, so every render runs them.
 {{- if and .Values.admin.serviceAccount.create (not .Values.admin.serviceAccount.name) -}}
 {{- fail "admin.serviceAccount.create is true but admin.serviceAccount.name is empty" -}}
 {{- end -}}
+{{- if and (eq .Values.ca.caSource "step") (not .Values.ca.step.url) -}}
+{{- fail "ca.caSource step needs ca.step.url, step-ca's https://host:port (deploy/step-ca.md)" -}}
+{{- end -}}
 {{- if and .Values.multicluster.remoteBundleConfigMaps (not .Values.multicluster.remoteSecretSelector) -}}
 {{- fail "multicluster.remoteBundleConfigMaps needs multicluster.remoteSecretSelector: the remote clusters come from those Secrets" -}}
 {{- end -}}
