@@ -31,6 +31,9 @@ type Config struct {
 	CASource    string
 	Admins      *Admins
 	Rotator     *rotation.Rotator // nil for a plug-in CA
+	// Renewal, when set, says when the intermediate is due for renewal and
+	// why the last attempt failed (nil: it did not).
+	Renewal func() (due time.Time, lastErr error)
 	Log         *slog.Logger
 	Now         func() time.Time // nil: time.Now
 }
@@ -240,6 +243,13 @@ func (s *Server) GetStatus(ctx context.Context, _ *adminpb.GetStatusRequest) (*a
 	if s.cfg.Serving != nil {
 		if c, err := s.cfg.Serving(); err == nil {
 			st.Serving = caCertificatePB(c)
+		}
+	}
+	if s.cfg.Renewal != nil {
+		due, err := s.cfg.Renewal()
+		st.IntermediateRenewalDue = timestamp(due)
+		if err != nil {
+			st.IntermediateRenewalError = err.Error()
 		}
 	}
 	st.Ready = st.Root != nil && st.Ledger.Reachable

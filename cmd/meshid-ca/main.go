@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -250,6 +251,7 @@ func run(ctx context.Context, o *options) error {
 	// Secret the replicas share. Both renewal and root rotation write it.
 	var store keys.Store
 	var upstream *keys.UpstreamCA
+	var renewState renewalState
 	if o.caSource == sourceStep {
 		client, err := stepca.New(stepca.Config{URL: o.stepURL, Root: o.stepRoot, Provisioner: o.stepProvisioner, Password: o.stepPassword, TrustDomain: o.td})
 		if err != nil {
@@ -276,7 +278,7 @@ func run(ctx context.Context, o *options) error {
 		defer dir.Close()
 		dir.Key = caKey
 		store = dir
-		r := renewer(o, dir, &issuers, o.caSync, log, reg)
+		r := renewer(o, dir, &issuers, o.caSync, log, reg, &renewState)
 		r.Upstream = upstream
 		m, is, err := loadGenerated(ctx, o, log, r, caKey, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 			return dir.LoadOrCreate(create)
@@ -377,6 +379,7 @@ func run(ctx context.Context, o *options) error {
 			Serving:     func() (*x509.Certificate, error) { c, err := serving.Certificate(); return leafOf(c), err },
 			TrustDomain: o.td,
 			CASource:    o.caSource,
+			Renewal:     func() (time.Time, error) { return issuers.RenewAt(), renewState.lastErr() },
 			Admins:      &admin.Admins{IDs: o.admins, Issued: led, ServiceAccounts: o.adminSAs, Auth: authn},
 			Rotator:     rotator,
 			Log:         log,
@@ -469,7 +472,7 @@ func run(ctx context.Context, o *options) error {
 		go func() {
 			// Replicas share the Secret: each also reads it every
 			// --ca-sync-interval for another one's renewal or rotation step.
-			r := renewer(o, secret, &issuers, o.caSync, log, reg)
+			r := renewer(o, secret, &issuers, o.caSync, log, reg, &renewState)
 			r.Upstream = upstream
 			m, is, err := loadGenerated(ctx, o, log, r, caKey, func(create func() (*keys.Material, error)) (*keys.Material, bool, error) {
 				return retry(ctx, log, "loading the CA from its Secret", func() (*keys.Material, bool, error) {
@@ -524,7 +527,22 @@ func run(ctx context.Context, o *options) error {
 
 // renewer replaces the signing intermediate of a CA meshid generated (it
 // holds the root key) before it lapses.
-func renewer(o *options, store keys.Store, issuers *keys.Source, follow time.Duration, log *slog.Logger, reg prometheus.Registerer) *keys.Renewer {
+// renewalState remembers how the last intermediate renewal went, for the
+// admin API's status (meshidctl check).
+type renewalState struct {
+	last atomic.Pointer[error]
+}
+
+func (s *renewalState) set(err error) { s.last.Store(&err) }
+
+func (s *renewalState) lastErr() error {
+	if p := s.last.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func renewer(o *options, store keys.Store, issuers *keys.Source, follow time.Duration, log *slog.Logger, reg prometheus.Registerer, state *renewalState) *keys.Renewer {
 	renewals := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "meshid_ca_intermediate_renewals_total",
 		Help: "Renewals of the signing intermediate (a third of its lifetime before it lapses), by result.",
@@ -532,6 +550,7 @@ func renewer(o *options, store keys.Store, issuers *keys.Source, follow time.Dur
 	reg.MustRegister(renewals)
 	return &keys.Renewer{Store: store, Source: issuers, Algorithm: o.algorithm, TTL: o.intermediateTTL, Follow: follow, Log: log,
 		Renewed: func(err error) {
+			state.set(err)
 			if err != nil {
 				renewals.WithLabelValues("error").Inc()
 				return

@@ -128,6 +128,7 @@ func checkCA(ctx context.Context, r *checkReport, sf *serverFlags, client adminp
 	// year ahead, as deploy/prometheus/alerts.yaml does.
 	lifetime("root", st.GetRoot(), max(warnWithin, rootWarnWithin))
 	lifetime("intermediate", st.GetIntermediate(), warnWithin)
+	checkRenewal(r, st, now)
 	// The serving certificate lives a day and is renewed at half life: it
 	// is late only when under a quarter of that is left.
 	lifetime("serving", st.GetServing(), 6*time.Hour)
@@ -250,4 +251,34 @@ func checkTable(w io.Writer, r checkReport) error {
 		fmt.Fprintln(w, "Status check results are √")
 	}
 	return nil
+}
+
+// checkRenewal reports the intermediate's renewal: failing is a warning,
+// overdue by half of what was left at its due time a failure (as the alert
+// MeshidIntermediateRenewalOverdue).
+func checkRenewal(r *checkReport, st *adminpb.Status, now time.Time) {
+	const g, name = "meshid-ca", "intermediate renewal"
+	due := st.GetIntermediateRenewalDue()
+	if due == nil {
+		return // a plug-in CA: renewed by replacing its files
+	}
+	at, failing := due.AsTime(), st.GetIntermediateRenewalError()
+	end := st.GetIntermediate().GetNotAfter().AsTime()
+	switch {
+	case now.Before(at) && failing == "":
+		r.add(g, name, checkOK, "due in %s (%s)", humanDuration(at.Sub(now)), at.UTC().Format(time.RFC3339))
+	case now.Before(at):
+		r.add(g, name, checkWarn, "the last attempt failed (%s); due in %s", failing, humanDuration(at.Sub(now)))
+	case now.Sub(at) > end.Sub(at)/2:
+		r.add(g, name, checkFail, "overdue by %s, the intermediate lapses in %s: %s", humanDuration(now.Sub(at)), humanDuration(end.Sub(now)), orUnknown(failing))
+	default:
+		r.add(g, name, checkWarn, "due %s ago, not done yet: %s", humanDuration(now.Sub(at)), orUnknown(failing))
+	}
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "no attempt has failed yet (see meshid-ca's log)"
+	}
+	return s
 }

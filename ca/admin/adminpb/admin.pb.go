@@ -904,16 +904,21 @@ func (*GetStatusRequest) Descriptor() ([]byte, []int) {
 }
 
 type Status struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ready         bool                   `protobuf:"varint,1,opt,name=ready,proto3" json:"ready,omitempty"`
-	TrustDomain   string                 `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
-	Root          *CACertificate         `protobuf:"bytes,3,opt,name=root,proto3" json:"root,omitempty"`
-	Intermediate  *CACertificate         `protobuf:"bytes,4,opt,name=intermediate,proto3" json:"intermediate,omitempty"` // the certificate that signs workloads
-	Serving       *CACertificate         `protobuf:"bytes,5,opt,name=serving,proto3" json:"serving,omitempty"`           // the CA's own TLS certificate
-	Ledger        *LedgerStatus          `protobuf:"bytes,6,opt,name=ledger,proto3" json:"ledger,omitempty"`
-	CaSource      string                 `protobuf:"bytes,7,opt,name=ca_source,json=caSource,proto3" json:"ca_source,omitempty"` // dir, secret or plugin
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Ready        bool                   `protobuf:"varint,1,opt,name=ready,proto3" json:"ready,omitempty"`
+	TrustDomain  string                 `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	Root         *CACertificate         `protobuf:"bytes,3,opt,name=root,proto3" json:"root,omitempty"`
+	Intermediate *CACertificate         `protobuf:"bytes,4,opt,name=intermediate,proto3" json:"intermediate,omitempty"` // the certificate that signs workloads
+	Serving      *CACertificate         `protobuf:"bytes,5,opt,name=serving,proto3" json:"serving,omitempty"`           // the CA's own TLS certificate
+	Ledger       *LedgerStatus          `protobuf:"bytes,6,opt,name=ledger,proto3" json:"ledger,omitempty"`
+	CaSource     string                 `protobuf:"bytes,7,opt,name=ca_source,json=caSource,proto3" json:"ca_source,omitempty"` // dir, secret, plugin or step
+	// When the intermediate is due for renewal (unset for a plug-in CA),
+	// and why the last renewal attempt failed (empty when it succeeded or
+	// none was made).
+	IntermediateRenewalDue   *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=intermediate_renewal_due,json=intermediateRenewalDue,proto3" json:"intermediate_renewal_due,omitempty"`
+	IntermediateRenewalError string                 `protobuf:"bytes,9,opt,name=intermediate_renewal_error,json=intermediateRenewalError,proto3" json:"intermediate_renewal_error,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -991,6 +996,20 @@ func (x *Status) GetLedger() *LedgerStatus {
 func (x *Status) GetCaSource() string {
 	if x != nil {
 		return x.CaSource
+	}
+	return ""
+}
+
+func (x *Status) GetIntermediateRenewalDue() *timestamppb.Timestamp {
+	if x != nil {
+		return x.IntermediateRenewalDue
+	}
+	return nil
+}
+
+func (x *Status) GetIntermediateRenewalError() string {
+	if x != nil {
+		return x.IntermediateRenewalError
 	}
 	return ""
 }
@@ -1514,7 +1533,7 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12\x14\n" +
 	"\x05roots\x18\x02 \x03(\fR\x05roots\"\x12\n" +
-	"\x10GetStatusRequest\"\xc7\x02\n" +
+	"\x10GetStatusRequest\"\xdb\x03\n" +
 	"\x06Status\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x122\n" +
@@ -1522,7 +1541,9 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\fintermediate\x18\x04 \x01(\v2\x1e.meshid.admin.v1.CACertificateR\fintermediate\x128\n" +
 	"\aserving\x18\x05 \x01(\v2\x1e.meshid.admin.v1.CACertificateR\aserving\x125\n" +
 	"\x06ledger\x18\x06 \x01(\v2\x1d.meshid.admin.v1.LedgerStatusR\x06ledger\x12\x1b\n" +
-	"\tca_source\x18\a \x01(\tR\bcaSource\"\xcc\x01\n" +
+	"\tca_source\x18\a \x01(\tR\bcaSource\x12T\n" +
+	"\x18intermediate_renewal_due\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x16intermediateRenewalDue\x12<\n" +
+	"\x1aintermediate_renewal_error\x18\t \x01(\tR\x18intermediateRenewalError\"\xcc\x01\n" +
 	"\rCACertificate\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12-\n" +
 	"\x12fingerprint_sha256\x18\x02 \x01(\tR\x11fingerprintSha256\x129\n" +
@@ -1628,42 +1649,43 @@ var file_ca_admin_adminpb_admin_proto_depIdxs = []int32{
 	15, // 12: meshid.admin.v1.Status.intermediate:type_name -> meshid.admin.v1.CACertificate
 	15, // 13: meshid.admin.v1.Status.serving:type_name -> meshid.admin.v1.CACertificate
 	16, // 14: meshid.admin.v1.Status.ledger:type_name -> meshid.admin.v1.LedgerStatus
-	22, // 15: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
-	22, // 16: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
-	21, // 17: meshid.admin.v1.RootRotation.checks:type_name -> meshid.admin.v1.RotationCheck
-	15, // 18: meshid.admin.v1.RootRotation.roots:type_name -> meshid.admin.v1.CACertificate
-	15, // 19: meshid.admin.v1.RootRotation.signing_root:type_name -> meshid.admin.v1.CACertificate
-	15, // 20: meshid.admin.v1.RootRotation.next_root:type_name -> meshid.admin.v1.CACertificate
-	15, // 21: meshid.admin.v1.RootRotation.old_roots:type_name -> meshid.admin.v1.CACertificate
-	22, // 22: meshid.admin.v1.RootRotation.started_at:type_name -> google.protobuf.Timestamp
-	22, // 23: meshid.admin.v1.RootRotation.distributed_at:type_name -> google.protobuf.Timestamp
-	22, // 24: meshid.admin.v1.RootRotation.switched_at:type_name -> google.protobuf.Timestamp
-	22, // 25: meshid.admin.v1.RotationCheck.expected_at:type_name -> google.protobuf.Timestamp
-	5,  // 26: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
-	1,  // 27: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
-	3,  // 28: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
-	8,  // 29: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
-	9,  // 30: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
-	11, // 31: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 32: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
-	17, // 33: meshid.admin.v1.Admin.GetRootRotation:input_type -> meshid.admin.v1.GetRootRotationRequest
-	18, // 34: meshid.admin.v1.Admin.AdvanceRootRotation:input_type -> meshid.admin.v1.AdvanceRootRotationRequest
-	19, // 35: meshid.admin.v1.Admin.AbortRootRotation:input_type -> meshid.admin.v1.AbortRootRotationRequest
-	6,  // 36: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
-	2,  // 37: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
-	0,  // 38: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
-	7,  // 39: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
-	10, // 40: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
-	12, // 41: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
-	14, // 42: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
-	20, // 43: meshid.admin.v1.Admin.GetRootRotation:output_type -> meshid.admin.v1.RootRotation
-	20, // 44: meshid.admin.v1.Admin.AdvanceRootRotation:output_type -> meshid.admin.v1.RootRotation
-	20, // 45: meshid.admin.v1.Admin.AbortRootRotation:output_type -> meshid.admin.v1.RootRotation
-	36, // [36:46] is the sub-list for method output_type
-	26, // [26:36] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	22, // 15: meshid.admin.v1.Status.intermediate_renewal_due:type_name -> google.protobuf.Timestamp
+	22, // 16: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
+	22, // 17: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
+	21, // 18: meshid.admin.v1.RootRotation.checks:type_name -> meshid.admin.v1.RotationCheck
+	15, // 19: meshid.admin.v1.RootRotation.roots:type_name -> meshid.admin.v1.CACertificate
+	15, // 20: meshid.admin.v1.RootRotation.signing_root:type_name -> meshid.admin.v1.CACertificate
+	15, // 21: meshid.admin.v1.RootRotation.next_root:type_name -> meshid.admin.v1.CACertificate
+	15, // 22: meshid.admin.v1.RootRotation.old_roots:type_name -> meshid.admin.v1.CACertificate
+	22, // 23: meshid.admin.v1.RootRotation.started_at:type_name -> google.protobuf.Timestamp
+	22, // 24: meshid.admin.v1.RootRotation.distributed_at:type_name -> google.protobuf.Timestamp
+	22, // 25: meshid.admin.v1.RootRotation.switched_at:type_name -> google.protobuf.Timestamp
+	22, // 26: meshid.admin.v1.RotationCheck.expected_at:type_name -> google.protobuf.Timestamp
+	5,  // 27: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
+	1,  // 28: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
+	3,  // 29: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
+	8,  // 30: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
+	9,  // 31: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
+	11, // 32: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 33: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
+	17, // 34: meshid.admin.v1.Admin.GetRootRotation:input_type -> meshid.admin.v1.GetRootRotationRequest
+	18, // 35: meshid.admin.v1.Admin.AdvanceRootRotation:input_type -> meshid.admin.v1.AdvanceRootRotationRequest
+	19, // 36: meshid.admin.v1.Admin.AbortRootRotation:input_type -> meshid.admin.v1.AbortRootRotationRequest
+	6,  // 37: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
+	2,  // 38: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
+	0,  // 39: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
+	7,  // 40: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
+	10, // 41: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
+	12, // 42: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
+	14, // 43: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
+	20, // 44: meshid.admin.v1.Admin.GetRootRotation:output_type -> meshid.admin.v1.RootRotation
+	20, // 45: meshid.admin.v1.Admin.AdvanceRootRotation:output_type -> meshid.admin.v1.RootRotation
+	20, // 46: meshid.admin.v1.Admin.AbortRootRotation:output_type -> meshid.admin.v1.RootRotation
+	37, // [37:47] is the sub-list for method output_type
+	27, // [27:37] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_ca_admin_adminpb_admin_proto_init() }
