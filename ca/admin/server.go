@@ -34,8 +34,8 @@ type Config struct {
 	// Renewal, when set, says when the intermediate is due for renewal and
 	// why the last attempt failed (nil: it did not).
 	Renewal func() (due time.Time, lastErr error)
-	Log         *slog.Logger
-	Now         func() time.Time // nil: time.Now
+	Log     *slog.Logger
+	Now     func() time.Time // nil: time.Now
 }
 
 // Server implements adminpb.AdminServer.
