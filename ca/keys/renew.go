@@ -71,6 +71,12 @@ func (r *Renewer) log() *slog.Logger {
 
 // use makes m the CA that signs.
 func (r *Renewer) use(m *Material) error {
+	if r.Upstream != nil {
+		// The bundle is the upstream's roots as configured here.
+		withBundle := *m
+		withBundle.Roots = r.Upstream.Bundle(m)
+		m = &withBundle
+	}
 	is, err := m.Issuer(r.now())
 	if err != nil {
 		return err
@@ -93,7 +99,7 @@ func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
 	var err error
 	if r.Upstream != nil {
 		var got *Material
-		if got, err = r.Upstream.Intermediate(ctx, now); err == nil {
+		if got, err = r.Upstream.Intermediate(ctx, now, m); err == nil {
 			next = *got
 		}
 	} else {

@@ -26,9 +26,9 @@ import (
 type Config struct {
 	// URL is step-ca's address, https://host:port.
 	URL string
-	// Root is step-ca's root: trusted for step-ca's TLS certificate, and
-	// what the intermediates it signs must chain to.
-	Root *x509.Certificate
+	// Roots are step-ca's roots (two while its root is rotated): trusted
+	// for step-ca's TLS certificate.
+	Roots []*x509.Certificate
 	// Provisioner is the name of the JWK provisioner meshid uses, Password
 	// the password its private key is encrypted with.
 	Provisioner string
@@ -81,7 +81,7 @@ func New(cfg Config) (*Client, error) {
 	switch {
 	case err != nil || u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/"):
 		return nil, fmt.Errorf("stepca: URL %q: want https://host:port", cfg.URL)
-	case cfg.Root == nil:
+	case len(cfg.Roots) == 0:
 		return nil, errors.New("stepca: step-ca's root certificate is needed")
 	case cfg.Provisioner == "":
 		return nil, errors.New("stepca: a provisioner name is needed")
@@ -97,7 +97,9 @@ func New(cfg Config) (*Client, error) {
 	c := &Client{cfg: cfg, http: cfg.HTTPClient}
 	if c.http == nil {
 		pool := x509.NewCertPool()
-		pool.AddCert(cfg.Root)
+		for _, r := range cfg.Roots {
+			pool.AddCert(r)
+		}
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		c.http = &http.Client{Transport: t, Timeout: 30 * time.Second}

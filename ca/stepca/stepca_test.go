@@ -2,6 +2,7 @@ package stepca_test
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"strings"
 	"testing"
@@ -18,7 +19,7 @@ var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 
 func client(t *testing.T, s *steptest.CA, provisioner, password string) *stepca.Client {
 	t.Helper()
-	c, err := stepca.New(stepca.Config{URL: s.URL, Root: s.Root, Provisioner: provisioner, Password: []byte(password), TrustDomain: td})
+	c, err := stepca.New(stepca.Config{URL: s.URL, Roots: []*x509.Certificate{s.Root}, Provisioner: provisioner, Password: []byte(password), TrustDomain: td})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,7 +28,7 @@ func client(t *testing.T, s *steptest.CA, provisioner, password string) *stepca.
 
 // upstream is meshid-ca's use of a step-ca: P-256 intermediates of ttl.
 func upstream(c *stepca.Client, s *steptest.CA, ttl time.Duration) *keys.UpstreamCA {
-	return &keys.UpstreamCA{Upstream: c, Root: s.Root, TrustDomain: td, Algorithm: keys.ECDSAP256, TTL: ttl}
+	return &keys.UpstreamCA{Upstream: c, Roots: []*x509.Certificate{s.Root}, TrustDomain: td, Algorithm: keys.ECDSAP256, TTL: ttl}
 }
 
 // TestIntermediateFromStepCA: a real step-ca signs meshid's intermediate;
@@ -40,7 +41,7 @@ func TestIntermediateFromStepCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	now := time.Now()
-	m, err := upstream(c, s, 48*time.Hour).Intermediate(ctx, now)
+	m, err := upstream(c, s, 48*time.Hour).Intermediate(ctx, now, nil)
 	if err != nil {
 		t.Fatalf("intermediate from step-ca: %v", err)
 	}
@@ -76,7 +77,7 @@ func TestStepCARefusals(t *testing.T) {
 			t.Errorf("%s: %v, want ErrConfig saying %q and naming step-ca", name, err, tc.want)
 		}
 	}
-	if _, err := stepca.New(stepca.Config{URL: "http://" + strings.TrimPrefix(s.URL, "https://"), Root: s.Root, Provisioner: "p", Password: []byte("x"), TrustDomain: td}); err == nil {
+	if _, err := stepca.New(stepca.Config{URL: "http://" + strings.TrimPrefix(s.URL, "https://"), Roots: []*x509.Certificate{s.Root}, Provisioner: "p", Password: []byte("x"), TrustDomain: td}); err == nil {
 		t.Error("an http:// step-ca URL was accepted")
 	}
 }
@@ -87,7 +88,7 @@ func TestStepCARefusals(t *testing.T) {
 func TestStepInitPKIRefused(t *testing.T) {
 	s := steptest.Start(t, steptest.Options{StepInitPathLens: true})
 	c := client(t, s, s.Provisioner.Name, s.Provisioner.Password)
-	_, err := upstream(c, s, time.Hour).Intermediate(context.Background(), time.Now())
+	_, err := upstream(c, s, time.Hour).Intermediate(context.Background(), time.Now(), nil)
 	if !errors.Is(err, keys.ErrUpstreamIntermediate) || !strings.Contains(err.Error(), "path length") {
 		t.Fatalf("%v, want a refusal naming the path length", err)
 	}
@@ -101,7 +102,7 @@ func TestRenewalThroughStepCA(t *testing.T) {
 	ctx := context.Background()
 	c := client(t, s, s.Provisioner.Name, s.Provisioner.Password)
 	up := upstream(c, s, 30*time.Minute)
-	m, err := up.Intermediate(ctx, time.Now())
+	m, err := up.Intermediate(ctx, time.Now(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,5 +141,50 @@ func TestRenewalThroughStepCA(t *testing.T) {
 	}
 	if len(results) != 2 || results[0] == nil || results[1] != nil {
 		t.Errorf("renewal results %v, want a failure then a success", results)
+	}
+}
+
+// TestStepCARootRotation: step-ca's operators move it to a new root (here a
+// second step-ca stands for the first one after the move). With the new
+// root added to meshid's roots (--step-root-file), meshid serves both; an
+// intermediate under the new root is refused until that bundle has been
+// served for the propagation time, then used; and the old root stays in
+// the bundle while an intermediate under it is in use.
+func TestStepCARootRotation(t *testing.T) {
+	old, next := steptest.Start(t, steptest.Options{}), steptest.Start(t, steptest.Options{})
+	ctx := context.Background()
+	now := time.Now()
+	m, err := upstream(client(t, old, old.Provisioner.Name, old.Provisioner.Password), old, 24*time.Hour).Intermediate(ctx, now, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	both := []*x509.Certificate{old.Root, next.Root}
+	c, err := stepca.New(stepca.Config{URL: next.URL, Roots: both, Provisioner: next.Provisioner.Name, Password: []byte(next.Provisioner.Password), TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := &keys.UpstreamCA{Upstream: c, Roots: both, Propagation: time.Hour, Since: now, TrustDomain: td, Algorithm: keys.ECDSAP256, TTL: 24 * time.Hour}
+	if b := up.Bundle(m); len(b) != 2 || !b[0].Equal(old.Root) || !b[1].Equal(next.Root) {
+		t.Errorf("bundle while rotating: %d roots, want the old and the new", len(b))
+	}
+	if _, err := up.Intermediate(ctx, now.Add(time.Minute), m); !errors.Is(err, keys.ErrRootNotPropagated) {
+		t.Fatalf("under the new root a minute after serving it: %v, want ErrRootNotPropagated", err)
+	}
+	switched, err := up.Intermediate(ctx, now.Add(2*time.Hour), m)
+	if err != nil {
+		t.Fatalf("under the new root after the propagation time: %v", err)
+	}
+	if len(switched.Chain) != 1 || !switched.Chain[0].Equal(next.Intermediate) || len(switched.Roots) != 2 {
+		t.Errorf("switched intermediate: chain %d, roots %d", len(switched.Chain), len(switched.Roots))
+	}
+	// The old root leaves --step-root-file: gone from the bundle of the new
+	// intermediate, kept for the old one while it is still in use.
+	after := &keys.UpstreamCA{Upstream: c, Roots: []*x509.Certificate{next.Root}, TrustDomain: td}
+	if b := after.Bundle(switched); len(b) != 1 || !b[0].Equal(next.Root) {
+		t.Errorf("bundle after the old root is dropped: %d roots", len(b))
+	}
+	if b := after.Bundle(m); len(b) != 2 {
+		t.Errorf("the old intermediate's root left the bundle while it is in use (%d roots)", len(b))
 	}
 }

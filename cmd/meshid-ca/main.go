@@ -17,7 +17,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
-	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -253,11 +252,12 @@ func run(ctx context.Context, o *options) error {
 	var upstream *keys.UpstreamCA
 	var renewState renewalState
 	if o.caSource == sourceStep {
-		client, err := stepca.New(stepca.Config{URL: o.stepURL, Root: o.stepRoot, Provisioner: o.stepProvisioner, Password: o.stepPassword, TrustDomain: o.td})
+		client, err := stepca.New(stepca.Config{URL: o.stepURL, Roots: o.stepRoots, Provisioner: o.stepProvisioner, Password: o.stepPassword, TrustDomain: o.td})
 		if err != nil {
 			return err
 		}
-		upstream = &keys.UpstreamCA{Upstream: client, Root: o.stepRoot, TrustDomain: o.td, Algorithm: o.algorithm, TTL: o.intermediateTTL, Key: caKey}
+		upstream = &keys.UpstreamCA{Upstream: client, Roots: o.stepRoots, Propagation: o.rootPropagation, Since: time.Now(),
+			TrustDomain: o.td, Algorithm: o.algorithm, TTL: o.intermediateTTL, Key: caKey}
 		// A wrong password or provisioner stops the start; step-ca being
 		// unreachable does not (a stored intermediate keeps signing).
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -613,18 +613,24 @@ func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Re
 		})
 	}
 	if r.Upstream != nil {
-		create = func() (*keys.Material, error) { return r.Upstream.Intermediate(ctx, time.Now()) }
+		create = func() (*keys.Material, error) { return r.Upstream.Intermediate(ctx, time.Now(), nil) }
 	}
 	m, created, err := loadOrCreate(create)
 	if err != nil {
 		return nil, nil, err
 	}
-	if r.Upstream != nil && !slices.ContainsFunc(m.Roots, r.Upstream.Root.Equal) {
-		// step-ca's root changed under a stored intermediate: switching
-		// at once would break every connection between workloads that
-		// hold certificates of the two roots.
-		return nil, nil, fmt.Errorf("the stored intermediate (%s) chains to a root other than --step-root-file (%s): a new step-ca root must reach every workload before meshid signs under it; not automated yet (deploy/step-ca.md)",
-			ca.Fingerprint(m.CACert), ca.Fingerprint(r.Upstream.Root))
+	if r.Upstream != nil {
+		// The bundle is --step-root-file's roots, plus the stored
+		// intermediate's own root if the file lacks it (taken out too
+		// early: dropping it would break every workload).
+		bundle := r.Upstream.Bundle(m)
+		if len(bundle) > len(r.Upstream.Roots) {
+			log.Warn("--step-root-file lacks the root the current intermediate chains to; it stays in the bundle until the intermediate is replaced",
+				"root_fingerprint", ca.Fingerprint(bundle[len(bundle)-1]))
+		}
+		withBundle := *m
+		withBundle.Roots = bundle
+		m = &withBundle
 	}
 	msg := "CA loaded"
 	switch {

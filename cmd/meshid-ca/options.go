@@ -55,7 +55,7 @@ type options struct {
 	caKeyURI        string
 	stepURL         string
 	stepRootFile    string
-	stepRoot        *x509.Certificate
+	stepRoots       []*x509.Certificate
 	stepProvisioner string
 	stepPassword    []byte
 	stepPassFile    string
@@ -284,10 +284,10 @@ func (o *options) complete() error {
 		}
 		if b, err := os.ReadFile(o.stepRootFile); err != nil {
 			bad("--step-root-file: %v", err)
-		} else if roots, err := ca.ParseCertificatesPEM(b); err != nil || len(roots) != 1 || !roots[0].IsCA {
-			bad("--step-root-file %s: want step-ca's one root CA certificate (PEM)", o.stepRootFile)
+		} else if roots, err := ca.ParseCertificatesPEM(b); err != nil || !allSelfSignedCAs(roots) {
+			bad("--step-root-file %s: want step-ca's root CA certificates (PEM; two while its root is rotated)", o.stepRootFile)
 		} else {
-			o.stepRoot = roots[0]
+			o.stepRoots = roots
 		}
 		if b, err := os.ReadFile(o.stepPassFile); err != nil {
 			bad("--step-password-file: %v", err)
@@ -465,4 +465,14 @@ func (o *options) limits() server.Limits {
 // serveAdmin says whether the admin API is served.
 func (o *options) serveAdmin() bool {
 	return o.adminAddr != "" && (len(o.admins) > 0 || len(o.adminSAs) > 0)
+}
+
+// allSelfSignedCAs says whether every certificate is a self-signed CA.
+func allSelfSignedCAs(certs []*x509.Certificate) bool {
+	for _, c := range certs {
+		if !c.IsCA || c.CheckSignatureFrom(c) != nil {
+			return false
+		}
+	}
+	return len(certs) > 0
 }
