@@ -139,6 +139,15 @@ func (c *Client) Sign(ctx context.Context, csrDER []byte, notAfter time.Time) (*
 		CertChain []string `json:"certChain"`
 	}
 	if err := c.do(ctx, http.MethodPost, "/1.0/sign", body, &resp); err != nil {
+		var he *httpError
+		if errors.As(err, &he) && he.status == http.StatusUnauthorized {
+			// step-ca says no more than this. A provisioner re-created
+			// with a new key is the likely cause: read it again next time.
+			c.mu.Lock()
+			c.key = nil
+			c.mu.Unlock()
+			err = fmt.Errorf("%w (the token was refused: the provisioner's key is read again at the next attempt; step-ca's log says why)", err)
+		}
 		return nil, nil, c.fail("signing", err)
 	}
 	var chain []*x509.Certificate
@@ -272,13 +281,22 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, v any
 		var e struct {
 			Message string `json:"message"`
 		}
+		he := &httpError{status: resp.StatusCode, msg: fmt.Sprintf("%s: %.200q", resp.Status, b)}
 		if json.Unmarshal(b, &e) == nil && e.Message != "" {
-			return fmt.Errorf("%s: %s", resp.Status, e.Message)
+			he.msg = resp.Status + ": " + e.Message
 		}
-		return fmt.Errorf("%s: %.200q", resp.Status, b)
+		return he
 	}
 	if err := json.Unmarshal(b, v); err != nil {
 		return fmt.Errorf("answer does not parse: %w", err)
 	}
 	return nil
 }
+
+// httpError is step-ca's answer other than 2xx.
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }

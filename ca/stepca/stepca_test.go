@@ -188,3 +188,28 @@ func TestStepCARootRotation(t *testing.T) {
 		t.Errorf("the old intermediate's root left the bundle while it is in use (%d roots)", len(b))
 	}
 }
+
+// TestProvisionerKeyReadAgainAfterRefusal: once step-ca refuses a token
+// (here: the client's key is another step-ca's, as after the provisioner
+// was re-created), the client reads the provisioner's key again, and the
+// next attempt succeeds.
+func TestProvisionerKeyReadAgainAfterRefusal(t *testing.T) {
+	a, b := steptest.Start(t, steptest.Options{}), steptest.Start(t, steptest.Options{})
+	ctx := context.Background()
+	// One client for b, whose cached key is a's: point it at a first.
+	mixed, err := stepca.New(stepca.Config{URL: a.URL, Roots: []*x509.Certificate{a.Root, b.Root}, Provisioner: a.Provisioner.Name, Password: []byte(a.Provisioner.Password), TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mixed.Check(ctx); err != nil {
+		t.Fatal(err)
+	}
+	moved := stepca.Retarget(mixed, b.URL, []byte(b.Provisioner.Password))
+	up := &keys.UpstreamCA{Upstream: moved, Roots: []*x509.Certificate{b.Root}, TrustDomain: td, Algorithm: keys.ECDSAP256, TTL: time.Hour}
+	if _, err := up.Intermediate(ctx, time.Now(), nil); err == nil || !strings.Contains(err.Error(), "read again") {
+		t.Fatalf("a token from a stale provisioner key: %v, want a refusal saying the key is read again", err)
+	}
+	if _, err := up.Intermediate(ctx, time.Now(), nil); err != nil {
+		t.Fatalf("the next attempt, with the key read again: %v", err)
+	}
+}
