@@ -19,6 +19,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/internal/kubetest"
+	"github.com/meshid/meshid/internal/poll"
 	"github.com/meshid/meshid/internal/satoken"
 	"github.com/meshid/meshid/internal/steptest"
 )
@@ -53,7 +54,7 @@ func TestStepCAUpstream(t *testing.T) {
 		t.Errorf("meshid-ca's words on a wrong password:\n%s", log)
 	}
 
-	p := startCA(t, append(append(args[1:], stepArgs...), "--step-password-file="+passFile)...)
+	p := startCA(t, append(append(args[1:], stepArgs...), "--step-password-file="+passFile, "--ca-sync-interval=200ms")...)
 	p.WaitReady(t, 60*time.Second)
 	if recs := p.LogRecords("CA intermediate signed by step-ca"); len(recs) != 1 {
 		t.Errorf("no log line of the intermediate step-ca signed")
@@ -109,6 +110,17 @@ func TestStepCAUpstream(t *testing.T) {
 	}
 	if b, err := src.GetX509BundleForTrustDomain(td); err != nil || len(b.X509Authorities()) != 1 || !b.X509Authorities()[0].Equal(s.Root) {
 		t.Errorf("go-spiffe's bundle is not step-ca's root: %v", err)
+	}
+
+	// step-ca's operators add their next root to --step-root-file: meshid-ca
+	// serves both without a restart, and go-spiffe's bundle gets both.
+	next := steptest.Start(t, steptest.Options{})
+	mustWrite(t, rootFile, append(ca.EncodePEM(s.Root), ca.EncodePEM(next.Root)...), 0o644)
+	poll.Until(t, "meshid-ca serving both roots", func() bool {
+		return strings.Contains(p.Metrics(t), "meshid_ca_trusted_roots 2")
+	})
+	if !strings.Contains(p.Log(), "--step-root-file changed") {
+		t.Error("no log line of the root file's change")
 	}
 }
 

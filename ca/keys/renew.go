@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"crypto/x509"
@@ -53,6 +54,23 @@ type Renewer struct {
 	Renewed func(err error)
 
 	last time.Time // of the last renewal; Check and Run are called in turn, never at once
+
+	rebundleOnce sync.Once
+	rebundle     chan struct{}
+}
+
+// Rebundle makes Run serve its CA again with the upstream's roots as they
+// are now (SetRoots after --step-root-file changed). It never blocks.
+func (r *Renewer) Rebundle() {
+	select {
+	case r.rebundles() <- struct{}{}:
+	default: // one is pending already
+	}
+}
+
+func (r *Renewer) rebundles() chan struct{} {
+	r.rebundleOnce.Do(func() { r.rebundle = make(chan struct{}, 1) })
+	return r.rebundle
 }
 
 func (r *Renewer) now() time.Time {
@@ -156,6 +174,13 @@ func (r *Renewer) Run(ctx context.Context, m *Material) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-r.rebundles():
+			if err := r.use(m); err != nil {
+				r.log().Error("serving the new trust bundle failed", "error", err)
+			} else {
+				r.log().Info("trust bundle changed", "roots", len(r.Source.Issuer().Roots()))
+			}
+			continue
 		case <-time.After(wait):
 		}
 		if r.Follow > 0 {

@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/url"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -46,6 +47,37 @@ type UpstreamCA struct {
 	// Key, when set, is the intermediate's key in a KMS or HSM, certified
 	// anew at each renewal; otherwise each intermediate gets a new key.
 	Key *External
+
+	mu sync.Mutex // guards Roots and Since after SetRoots
+}
+
+// state is Roots and Since, read together.
+func (u *UpstreamCA) state() ([]*x509.Certificate, time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return slices.Clone(u.Roots), u.Since
+}
+
+// SetRoots replaces the upstream's roots (--step-root-file read again) and
+// says whether they changed. A root not there before restarts the
+// propagation clock at now: the bundle with it is served from now on.
+func (u *UpstreamCA) SetRoots(roots []*x509.Certificate, now time.Time) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	added := false
+	for _, r := range roots {
+		if !slices.ContainsFunc(u.Roots, r.Equal) {
+			added = true
+		}
+	}
+	if !added && len(roots) == len(u.Roots) {
+		return false
+	}
+	if added {
+		u.Since = now
+	}
+	u.Roots = slices.Clone(roots)
+	return true
 }
 
 // ErrUpstreamIntermediate marks an intermediate the upstream signed that
@@ -86,19 +118,20 @@ func (u *UpstreamCA) Intermediate(ctx context.Context, now time.Time, current *M
 	if err != nil {
 		return nil, err
 	}
+	upstreamRoots, since := u.state()
 	// The chain step-ca sends may end with a root; roots go in Roots only.
-	chain = slices.DeleteFunc(slices.Clone(chain), func(c *x509.Certificate) bool { return slices.ContainsFunc(u.Roots, c.Equal) })
-	m := &Material{CACert: cert, CAKey: key, Chain: chain, Roots: slices.Clone(u.Roots)}
+	chain = slices.DeleteFunc(slices.Clone(chain), func(c *x509.Certificate) bool { return slices.ContainsFunc(upstreamRoots, c.Equal) })
+	m := &Material{CACert: cert, CAKey: key, Chain: chain, Roots: upstreamRoots}
 	if u.Key != nil {
 		m.KeyURI = u.Key.URI
 	}
-	root, err := u.check(m, now)
+	root, err := u.check(m, upstreamRoots, now)
 	if err != nil {
 		return nil, err
 	}
 	if current != nil {
-		if was := chainRoot(current, u.Roots); was == nil || !was.Equal(root) {
-			if served := now.Sub(u.Since); served < u.Propagation {
+		if was := chainRoot(current, append(slices.Clone(upstreamRoots), current.Roots...)); was == nil || !was.Equal(root) {
+			if served := now.Sub(since); served < u.Propagation {
 				return nil, fmt.Errorf("%w: root %s has been in the served bundle for %s of --root-propagation %s", ErrRootNotPropagated,
 					fingerprint(root), served.Round(time.Second), u.Propagation)
 			}
@@ -111,8 +144,8 @@ func (u *UpstreamCA) Intermediate(ctx context.Context, now time.Time, current *M
 // and the root m's own intermediate chains to if they lack it (taken out
 // of --step-root-file too early: dropping it would break every workload).
 func (u *UpstreamCA) Bundle(m *Material) []*x509.Certificate {
-	roots := slices.Clone(u.Roots)
-	if r := chainRoot(m, append(slices.Clone(u.Roots), m.Roots...)); r != nil && !slices.ContainsFunc(roots, r.Equal) {
+	roots, _ := u.state()
+	if r := chainRoot(m, append(slices.Clone(roots), m.Roots...)); r != nil && !slices.ContainsFunc(roots, r.Equal) {
 		roots = append(roots, r)
 	}
 	return roots
@@ -136,7 +169,7 @@ func chainRoot(m *Material, roots []*x509.Certificate) *x509.Certificate {
 
 func fingerprint(c *x509.Certificate) string { return ca.Fingerprint(c) }
 
-func (u *UpstreamCA) check(m *Material, now time.Time) (*x509.Certificate, error) {
+func (u *UpstreamCA) check(m *Material, upstreamRoots []*x509.Certificate, now time.Time) (*x509.Certificate, error) {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", ErrUpstreamIntermediate, fmt.Sprintf(format, args...))
 	}
@@ -157,7 +190,7 @@ func (u *UpstreamCA) check(m *Material, now time.Time) (*x509.Certificate, error
 		return nil, bad("it expired at %s", c.NotAfter.UTC())
 	}
 	roots, inter := x509.NewCertPool(), x509.NewCertPool()
-	for _, r := range u.Roots {
+	for _, r := range upstreamRoots {
 		roots.AddCert(r)
 	}
 	for _, p := range m.Chain {

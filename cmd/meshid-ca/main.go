@@ -288,6 +288,9 @@ func run(ctx context.Context, o *options) error {
 		}
 		issuers.Use(m, is)
 		go r.Run(ctx, m)
+		if upstream != nil {
+			go watchStepRoots(ctx, o.stepRootFile, o.caSync, upstream, r, log)
+		}
 	}
 
 	if o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") {
@@ -485,6 +488,9 @@ func run(ctx context.Context, o *options) error {
 			}
 			issuers.Use(m, is)
 			go r.Run(ctx, m)
+			if upstream != nil {
+				go watchStepRoots(ctx, o.stepRootFile, o.caSync, upstream, r, log)
+			}
 			server.SetServing(health, true)
 			log.Info("meshid-ca ready")
 		}()
@@ -624,7 +630,7 @@ func loadGenerated(ctx context.Context, o *options, log *slog.Logger, r *keys.Re
 		// intermediate's own root if the file lacks it (taken out too
 		// early: dropping it would break every workload).
 		bundle := r.Upstream.Bundle(m)
-		if len(bundle) > len(r.Upstream.Roots) {
+		if len(bundle) > len(o.stepRoots) {
 			log.Warn("--step-root-file lacks the root the current intermediate chains to; it stays in the bundle until the intermediate is replaced",
 				"root_fingerprint", ca.Fingerprint(bundle[len(bundle)-1]))
 		}
@@ -802,4 +808,41 @@ func jwksHTTPClient(caFile string) (*http.Client, error) {
 		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	return &http.Client{Transport: t, Timeout: 10 * time.Second}, nil
+}
+
+// watchStepRoots reads --step-root-file every interval and, when its roots
+// change (step-ca's operators add the next root, or retire the old one),
+// serves the new bundle; a root added restarts the propagation clock
+// before an intermediate under it is used.
+func watchStepRoots(ctx context.Context, path string, interval time.Duration, up *keys.UpstreamCA, r *keys.Renewer, log *slog.Logger) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	warned := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		b, err := os.ReadFile(path)
+		var roots []*x509.Certificate
+		if err == nil {
+			roots, err = ca.ParseCertificatesPEM(b)
+		}
+		if err == nil && !allSelfSignedCAs(roots) {
+			err = errors.New("not only self-signed CA certificates")
+		}
+		if err != nil {
+			if msg := err.Error(); msg != warned {
+				log.Warn("--step-root-file does not load; the roots read before stay", "path", path, "error", err)
+				warned = msg
+			}
+			continue
+		}
+		warned = ""
+		if up.SetRoots(roots, time.Now()) {
+			log.Info("--step-root-file changed; serving its roots", "roots", len(roots))
+			r.Rebundle()
+		}
+	}
 }
