@@ -39,8 +39,9 @@ import (
 // validity_duration in seconds (SECRET_TTL, 24h by default), and metadata
 // holding only ImpersonatedIdentity, the workload's full SPIFFE ID.
 type ztunnelClient struct {
-	client pb.IstioCertificateServiceClient
-	token  string
+	client  pb.IstioCertificateServiceClient
+	token   string
+	cluster string // the clusterid header: ztunnel's ISTIO_META_CLUSTER_ID
 }
 
 func newZtunnelClient(t *testing.T, addr string, roots []*x509.Certificate, token string) *ztunnelClient {
@@ -56,7 +57,7 @@ func newZtunnelClient(t *testing.T, addr string, roots []*x509.Certificate, toke
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &ztunnelClient{client: pb.NewIstioCertificateServiceClient(conn), token: token}
+	return &ztunnelClient{client: pb.NewIstioCertificateServiceClient(conn), token: token, cluster: "Kubernetes"}
 }
 
 // ztunnelCSR builds a CSR as ztunnel's boring/openssl builds do: no
@@ -89,7 +90,7 @@ func (z *ztunnelClient) fetch(t *testing.T, workload string) (leaf *x509.Certifi
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+z.token, "clusterid", "Kubernetes")
+	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+z.token, "clusterid", z.cluster)
 	resp, err := z.client.CreateCertificate(ctx, &pb.IstioCertificateRequest{
 		Csr:              string(ztunnelCSR(t, workload)),
 		ValidityDuration: int64((24 * time.Hour).Seconds()),

@@ -47,6 +47,7 @@ func TestMulticluster(t *testing.T) {
 			{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},
 			{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},
 			{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"get", "list", "watch", "create", "update"}, ResourceNames: nil},
+			{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},
 		},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -66,7 +67,7 @@ func TestMulticluster(t *testing.T) {
 	state := t.TempDir()
 	p := startCA(t, "--kubeconfig="+a.Kubeconfig, "--ca-source=dir", "--state-dir="+state, "--namespace=meshid-system",
 		"--cluster-id=cluster-a", "--remote-secret-selector=istio/multiCluster=true", "--remote-bundle-configmaps",
-		"--admin-service-accounts=ops/admin", "--pod-name=meshid-ca-0")
+		"--admin-service-accounts=ops/admin", "--pod-name=meshid-ca-0", "--node-proxy-service-accounts=istio-system/ztunnel")
 	p.WaitReady(t, 60*time.Second)
 	rootFile := filepath.Join(state, "ca", keys.RootCertFile)
 	roots := readRoots(t, rootFile)
@@ -132,6 +133,22 @@ func TestMulticluster(t *testing.T) {
 		t.Errorf("B's caller got %s: identities are the same in every cluster", got)
 	}
 
+	// B's ztunnel gets the certificate of a workload on its node in B,
+	// checked against B's pods; as cluster A's, it is refused.
+	b.Node(t, "b-node-1")
+	ztunnelB := b.Pod(t, "istio-system", "ztunnel-b1", "ztunnel", "b-node-1")
+	b.Pod(t, "shop", "web-b1", "web", "b-node-1")
+	z := newZtunnelClient(t, p.GRPCAddr, roots, b.PodToken(t, ztunnelB, "istio-ca"))
+	z.cluster = "cluster-b"
+	poll.Until(t, "B's ztunnel served once B's pods are listed", func() bool {
+		_, _, err := z.fetch(t, web.String())
+		return err == nil
+	})
+	z.cluster = "cluster-a"
+	if _, _, err := z.fetch(t, web.String()); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("B's ztunnel naming cluster A: %v, want Unauthenticated", err)
+	}
+
 	tokFile := filepath.Join(t.TempDir(), "admin.token")
 	if err := os.WriteFile(tokFile, []byte(a.Token(t, "ops", "admin", "istio-ca")), 0o600); err != nil {
 		t.Fatal(err)
@@ -141,8 +158,8 @@ func TestMulticluster(t *testing.T) {
 	for _, r := range c.certs() {
 		clusters[r["cluster_id"].(string)]++
 	}
-	if clusters["cluster-a"] != 2 || clusters["cluster-b"] != 1 || len(clusters) != 2 {
-		t.Errorf("ledger clusters %v, want cluster-a 2, cluster-b 1", clusters)
+	if clusters["cluster-a"] != 2 || clusters["cluster-b"] != 2 || len(clusters) != 2 {
+		t.Errorf("ledger clusters %v, want cluster-a 2, cluster-b 2 (B's workload and B's ztunnel for it)", clusters)
 	}
 
 	// The trust bundle reaches B's namespaces.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
@@ -248,3 +249,51 @@ func (w *Watcher) OnNode(node string, account Account) bool {
 
 // Synced implements [Pods]: the first list arrived.
 func (w *Watcher) Synced() bool { return w.inf.HasSynced() }
+
+// Clusters holds an Authorizer per cluster, for a CA that checks callers of
+// several clusters (multicluster): a node proxy's request goes to the
+// authorizer of the cluster that verified its token, which watches that
+// cluster's pods.
+type Clusters struct {
+	local string
+	mu    sync.RWMutex
+	by    map[string]*Authorizer
+}
+
+// NewClusters returns an empty set; local is this cluster's ID, which
+// callers verified by an authenticator that names no cluster belong to.
+func NewClusters(local string) *Clusters {
+	return &Clusters{local: local, by: map[string]*Authorizer{}}
+}
+
+// Set makes a the authorizer of cluster id.
+func (c *Clusters) Set(id string, a *Authorizer) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.by[id] = a
+}
+
+// Remove forgets cluster id's authorizer if it is still a (a replaced
+// cluster's new one stays).
+func (c *Clusters) Remove(id string, a *Authorizer) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.by[id] == a {
+		delete(c.by, id)
+	}
+}
+
+// Authorize is [Authorizer.Authorize] by the caller's cluster.
+func (c *Clusters) Authorize(caller k8sauth.Caller, requested string) (Workload, error) {
+	id := caller.Cluster
+	if id == "" {
+		id = c.local
+	}
+	c.mu.RLock()
+	a := c.by[id]
+	c.mu.RUnlock()
+	if a == nil {
+		return Workload{}, refuse("remote_cluster", "no pods watched for cluster %.64q", id)
+	}
+	return a.Authorize(caller, requested)
+}

@@ -169,3 +169,33 @@ func TestParseAccounts(t *testing.T) {
 		}
 	}
 }
+
+// TestClusters: a node proxy's request goes to the authorizer of the
+// cluster that verified its token; a cluster without one is refused.
+func TestClusters(t *testing.T) {
+	proxies := []nodeauth.Account{{Namespace: "istio-system", Name: "ztunnel"}}
+	local, err := nodeauth.New("cluster-a", td, proxies, stubPods{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := nodeauth.NewClusters("cluster-a")
+	c.Set("cluster-a", local)
+	caller := k8sauth.Caller{Namespace: "istio-system", ServiceAccount: "ztunnel", PodName: "z", PodUID: "u"}
+	// The local authorizer answers (its pods are not listed: Unavailable).
+	for _, cluster := range []string{"", "cluster-a"} {
+		caller.Cluster = cluster
+		if _, err := c.Authorize(caller, "spiffe://cluster.local/ns/shop/sa/web"); !errors.Is(err, nodeauth.ErrUnavailable) {
+			t.Errorf("cluster %q: %v, want the local authorizer's answer", cluster, err)
+		}
+	}
+	caller.Cluster = "cluster-b"
+	var e *nodeauth.Error
+	if _, err := c.Authorize(caller, "spiffe://cluster.local/ns/shop/sa/web"); !errors.As(err, &e) || e.Reason != "remote_cluster" {
+		t.Errorf("a cluster with no authorizer: %v", err)
+	}
+	c.Remove("cluster-a", local)
+	caller.Cluster = ""
+	if _, err := c.Authorize(caller, "spiffe://cluster.local/ns/shop/sa/web"); !errors.As(err, &e) || e.Reason != "remote_cluster" {
+		t.Errorf("after Remove: %v", err)
+	}
+}

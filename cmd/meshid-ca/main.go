@@ -103,10 +103,24 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return err
 	}
+	var (
+		nodePods    *nodeauth.Watcher
+		nodeProxies *nodeauth.Clusters
+	)
+	if len(o.nodeProxies) > 0 {
+		nodePods = nodeauth.Watch(ctx, kube, log)
+		a, err := nodeauth.New(o.clusterID, o.td, o.nodeProxies, nodePods)
+		if err != nil {
+			return err
+		}
+		nodeProxies = nodeauth.NewClusters(o.clusterID)
+		nodeProxies.Set(o.clusterID, a)
+		log.Info("node proxies may ask for the workloads on their node", "service_accounts", o.nodeProxySAs)
+	}
 	router := &multicluster.Router{LocalID: o.clusterID, Local: local, Log: log}
 	var remotes *multicluster.Remotes
 	if o.remoteSelector != "" {
-		if remotes, err = remoteClusters(ctx, o, kube, authMetrics, log); err != nil {
+		if remotes, err = remoteClusters(ctx, o, kube, authMetrics, nodeProxies, log); err != nil {
 			return err
 		}
 		router.Remotes = remotes
@@ -193,20 +207,6 @@ func run(ctx context.Context, o *options) error {
 		go prune(ctx)
 	}
 
-	var (
-		nodePods    *nodeauth.Watcher
-		nodeProxies server.NodeProxies
-	)
-	if len(o.nodeProxies) > 0 {
-		nodePods = nodeauth.Watch(ctx, kube, log)
-		a, err := nodeauth.New(o.clusterID, o.td, o.nodeProxies, nodePods)
-		if err != nil {
-			return err
-		}
-		nodeProxies = a
-		log.Info("node proxies may ask for the workloads on their node", "service_accounts", o.nodeProxySAs)
-	}
-
 	svc, err := server.NewCertificateService(server.Config{
 		Authority:   authority,
 		Auth:        authn,
@@ -214,7 +214,7 @@ func run(ctx context.Context, o *options) error {
 		Limits:      o.limits(),
 		Ledger:      issuanceRecorder(led, o.recordNothing),
 		DenyList:    denyList,
-		NodeProxies: nodeProxies,
+		NodeProxies: nodeProxiesOrNil(nodeProxies),
 		Metrics:     metrics,
 		Log:         log,
 	})
@@ -770,7 +770,7 @@ func clusterAuthenticator(ctx context.Context, o *options, kube kubernetes.Inter
 // remoteClusters watches --remote-secret-selector's Secrets; each remote
 // cluster's tokens are checked as --auth=tokenreview checks them (its keys,
 // then a TokenReview on its API server), behind a token cache of its own.
-func remoteClusters(ctx context.Context, o *options, kube kubernetes.Interface, metrics *k8sauth.Metrics, log *slog.Logger) (*multicluster.Remotes, error) {
+func remoteClusters(ctx context.Context, o *options, kube kubernetes.Interface, metrics *k8sauth.Metrics, nodeProxies *nodeauth.Clusters, log *slog.Logger) (*multicluster.Remotes, error) {
 	build := func(ctx context.Context, id string, cfg *rest.Config) (k8sauth.Authenticator, error) {
 		cfg.QPS, cfg.Burst = o.kubeQPS, o.kubeBurst
 		client, err := kubernetes.NewForConfig(cfg)
@@ -780,6 +780,15 @@ func remoteClusters(ctx context.Context, o *options, kube kubernetes.Interface, 
 		k, err := clusterAuthenticator(ctx, o, client, cfg, metrics, log.With("cluster", id))
 		if err != nil {
 			return nil, err
+		}
+		if nodeProxies != nil {
+			// The remote cluster's node proxies, against its own pods.
+			a, err := nodeauth.New(id, o.td, o.nodeProxies, nodeauth.Watch(ctx, client, log.With("cluster", id)))
+			if err != nil {
+				return nil, err
+			}
+			nodeProxies.Set(id, a)
+			context.AfterFunc(ctx, func() { nodeProxies.Remove(id, a) })
 		}
 		return tokenCache(o, k, metrics), nil
 	}
@@ -845,4 +854,14 @@ func watchStepRoots(ctx context.Context, path string, interval time.Duration, up
 			r.Rebundle()
 		}
 	}
+}
+
+// nodeProxiesOrNil keeps a nil *nodeauth.Clusters from becoming a non-nil
+// server.NodeProxies (which would answer every impersonation with a
+// lookup instead of "not enabled").
+func nodeProxiesOrNil(c *nodeauth.Clusters) server.NodeProxies {
+	if c == nil {
+		return nil
+	}
+	return c
 }
