@@ -28,6 +28,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/internal/kubetest"
+	"github.com/meshid/meshid/internal/poll"
 )
 
 // ztunnelClient sends CreateCertificate exactly as ztunnel (Istio ambient
@@ -203,17 +204,10 @@ func TestAmbientNodeProxy(t *testing.T) {
 	// The workload leaves the node: refused from then on (the pod watch
 	// sees the delete shortly after the API server does).
 	cluster.DeletePod(t, "shop", "web-1")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	poll.Until(t, "shop/web refused once its only pod on node-a is deleted", func() bool {
 		_, _, err := z.fetch(t, web)
-		if status.Code(err) == codes.PermissionDenied {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("still %v 30s after shop/web's only pod on node-a was deleted", err)
-		}
-		time.Sleep(20 * time.Millisecond) // poll interval
-	}
+		return status.Code(err) == codes.PermissionDenied
+	})
 	m := p.Metrics(t)
 	for _, series := range []string{
 		`meshid_ca_node_proxy_requests_total{result="allowed"}`,

@@ -5,11 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -439,16 +439,7 @@ func TestHelmBaseMatchesChart(t *testing.T) {
 	}
 	base := index(kustomize(t, filepath.Join("..", "deploy", "base")))
 	rendered := index(renderChart(t, ""))
-	var keys []string
-	for k := range base {
-		keys = append(keys, k)
-	}
-	for k := range rendered {
-		if _, ok := base[k]; !ok {
-			keys = append(keys, k)
-		}
-	}
-	sort.Strings(keys)
+	keys := unionKeys(base, rendered)
 	for _, k := range keys {
 		b, inBase := base[k]
 		r, inChart := rendered[k]
@@ -491,23 +482,20 @@ func TestHelmBaseMatchesChart(t *testing.T) {
 	}
 }
 
+// unionKeys is the keys of a and b, sorted, each once.
+func unionKeys[V any](a, b map[string]V) []string {
+	keys := slices.AppendSeq(slices.Collect(maps.Keys(a)), maps.Keys(b))
+	slices.Sort(keys)
+	return slices.Compact(keys)
+}
+
 // diffValues lists where a (deploy/base) and b (the chart) differ.
 func diffValues(path string, a, b any) []string {
 	am, aMap := a.(map[string]any)
 	bm, bMap := b.(map[string]any)
 	if aMap && bMap {
 		var out []string
-		var keys []string
-		for k := range am {
-			keys = append(keys, k)
-		}
-		for k := range bm {
-			if _, ok := am[k]; !ok {
-				keys = append(keys, k)
-			}
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
+		for _, k := range unionKeys(am, bm) {
 			av, aok := am[k]
 			bv, bok := bm[k]
 			switch {

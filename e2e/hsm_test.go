@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -53,7 +54,7 @@ func TestCAKeyInHSM(t *testing.T) {
 		}
 		for _, e := range entries {
 			b, _ := os.ReadFile(filepath.Join(caDir, e.Name()))
-			if strings.Contains(string(b), "PRIVATE KEY") && !contains(allowed, e.Name()) {
+			if strings.Contains(string(b), "PRIVATE KEY") && !slices.Contains(allowed, e.Name()) {
 				t.Errorf("%s holds a private key", e.Name())
 			}
 		}
@@ -115,13 +116,4 @@ func TestCAKeyInHSM(t *testing.T) {
 		}
 		noPrivateKeyBut(t, filepath.Join(stateDir, "ca"))
 	})
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

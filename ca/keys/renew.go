@@ -8,8 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"crypto/x509"
-
 	"github.com/meshid/meshid/ca"
 )
 
@@ -22,15 +20,10 @@ type Store interface {
 	Save(ctx context.Context, prev, m *Material) error
 }
 
-// RenewAt is when an intermediate is replaced: once only a third of its
+// RenewAt is when m's intermediate is replaced: once only a third of its
 // lifetime is left (four months before a one-year intermediate lapses), so
-// a failing renewal has months of retries and alarms before it matters.
-func RenewAt(c *x509.Certificate) time.Time {
-	return c.NotAfter.Add(-c.NotAfter.Sub(c.NotBefore) / 3)
-}
-
-// RenewAt is when m's intermediate is replaced: a third of its lifetime
-// before it, or a CA above it short of the root, lapses.
+// a failing renewal has months of retries and alarms before it matters; or
+// a third before a CA above it short of the root lapses, if sooner.
 func (m *Material) RenewAt() time.Time { return renewAt(m) }
 
 // Renewer replaces the signing intermediate of a CA meshid owns before it

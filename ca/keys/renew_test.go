@@ -67,7 +67,7 @@ func TestRenewerStateDir(t *testing.T) {
 	if err != nil || got != m {
 		t.Fatalf("renewed %v before it was due (%v)", got != m, err)
 	}
-	now = RenewAt(m.CACert).Add(time.Second)
+	now = m.RenewAt().Add(time.Second)
 	var renewed int
 	r.Renewed = func(err error) {
 		if err == nil {
@@ -125,7 +125,7 @@ func TestRenewerSecretReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	due := RenewAt(m.CACert).Add(time.Second)
+	due := m.RenewAt().Add(time.Second)
 	srcA, srcB := &Source{}, &Source{}
 	ra := &Renewer{Store: store, Source: srcA, Algorithm: ECDSAP256, TTL: 3 * time.Hour, Now: func() time.Time { return due }}
 	rb := &Renewer{Store: store, Source: srcB, Algorithm: ECDSAP256, TTL: 3 * time.Hour, Now: func() time.Time { return due }}

@@ -133,7 +133,7 @@ func (u *UpstreamCA) Intermediate(ctx context.Context, now time.Time, current *M
 		if was := chainRoot(current, append(slices.Clone(upstreamRoots), current.Roots...)); was == nil || !was.Equal(root) {
 			if served := now.Sub(since); served < u.Propagation {
 				return nil, fmt.Errorf("%w: root %s has been in the served bundle for %s of --root-propagation %s", ErrRootNotPropagated,
-					fingerprint(root), served.Round(time.Second), u.Propagation)
+					ca.Fingerprint(root), served.Round(time.Second), u.Propagation)
 			}
 		}
 	}
@@ -166,8 +166,6 @@ func chainRoot(m *Material, roots []*x509.Certificate) *x509.Certificate {
 	}
 	return chains[0][len(chains[0])-1]
 }
-
-func fingerprint(c *x509.Certificate) string { return ca.Fingerprint(c) }
 
 func (u *UpstreamCA) check(m *Material, upstreamRoots []*x509.Certificate, now time.Time) (*x509.Certificate, error) {
 	bad := func(format string, args ...any) error {

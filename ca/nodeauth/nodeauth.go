@@ -104,11 +104,6 @@ func New(cluster string, td spiffeid.TrustDomain, proxies []Account, pods Pods) 
 	return a, nil
 }
 
-// IsProxy says whether caller's service account is a node proxy's.
-func (a *Authorizer) IsProxy(caller k8sauth.Caller) bool {
-	return a.proxies[Account{Namespace: caller.Namespace, Name: caller.ServiceAccount}]
-}
-
 // Authorize says whether caller may get a certificate for requested (the
 // request's ImpersonatedIdentity, as sent) and, if so, whose it is.
 func (a *Authorizer) Authorize(caller k8sauth.Caller, requested string) (Workload, error) {

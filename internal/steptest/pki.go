@@ -124,30 +124,11 @@ func NewPKI(opts Options) (*PKI, error) {
 	}
 	notBefore, notAfter := opts.Now.Add(-time.Hour), opts.Now.Add(365*24*time.Hour)
 
-	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	root, rootDER, rootKey, err := newCA("steptest root CA", rootPathLen, notBefore, notAfter, nil, nil)
 	if err != nil {
 		return nil, err
 	}
-	rootTmpl := caTemplate("steptest root CA", rootPathLen, notBefore, notAfter)
-	rootDER, err := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, rootKey.Public(), rootKey)
-	if err != nil {
-		return nil, fmt.Errorf("steptest: root: %w", err)
-	}
-	root, err := x509.ParseCertificate(rootDER)
-	if err != nil {
-		return nil, err
-	}
-
-	intKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	intTmpl := caTemplate("steptest intermediate CA", intermediatePathLen, notBefore, notAfter)
-	intDER, err := x509.CreateCertificate(rand.Reader, intTmpl, root, intKey.Public(), rootKey)
-	if err != nil {
-		return nil, fmt.Errorf("steptest: intermediate: %w", err)
-	}
-	intermediate, err := x509.ParseCertificate(intDER)
+	intermediate, intDER, intKey, err := newCA("steptest intermediate CA", intermediatePathLen, notBefore, notAfter, root, rootKey)
 	if err != nil {
 		return nil, err
 	}
@@ -187,6 +168,25 @@ func NewPKI(opts Options) (*PKI, error) {
 		intermediateCert: intDER,
 		rootCert:         rootDER,
 	}, nil
+}
+
+// newCA makes a P-256 CA certificate cn signed by parent (self-signed when
+// parent is nil), with its DER and key.
+func newCA(cn string, maxPathLen int, notBefore, notAfter time.Time, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, []byte, *ecdsa.PrivateKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	tmpl := caTemplate(cn, maxPathLen, notBefore, notAfter)
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("steptest: %s: %w", cn, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	return cert, der, key, err
 }
 
 func caTemplate(cn string, maxPathLen int, notBefore, notAfter time.Time) *x509.Certificate {

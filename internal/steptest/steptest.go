@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/poll"
 )
 
@@ -64,7 +65,7 @@ func Binary(t testing.TB) string {
 	}
 	dir := os.Getenv(DirEnv)
 	if dir == "" {
-		dir = filepath.Join(cacheDir(), "step-ca", Version)
+		dir = filepath.Join(kubetest.CacheDir(), "step-ca", Version)
 	}
 	bin := filepath.Join(dir, "step-ca")
 	if fi, err := os.Stat(bin); err != nil || fi.Mode()&0o111 == 0 {
@@ -75,23 +76,6 @@ func Binary(t testing.TB) string {
 		t.Skip(msg)
 	}
 	return bin
-}
-
-// cacheDir is where the hack/ scripts cache what they build:
-// $MESHID_CACHE_DIR, else $XDG_CACHE_HOME/meshid, else ~/.cache/meshid.
-func cacheDir() string {
-	if dir := os.Getenv("MESHID_CACHE_DIR"); dir != "" {
-		return dir
-	}
-	base := os.Getenv("XDG_CACHE_HOME")
-	if base == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return ""
-		}
-		base = filepath.Join(home, ".cache")
-	}
-	return filepath.Join(base, "meshid")
 }
 
 // Start makes a PKI with opts, starts step-ca with it on a free loopback
