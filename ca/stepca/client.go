@@ -127,13 +127,24 @@ func (c *Client) Sign(ctx context.Context, csrDER []byte, notAfter time.Time) (*
 	if err != nil {
 		return nil, nil, c.fail("making a token", err)
 	}
+	chain, err := c.post(ctx, csrDER, ott, notAfter.UTC().Format(time.RFC3339))
+	if err != nil {
+		return nil, nil, err
+	}
+	return chain[0], chain[1:], nil
+}
+
+// post sends csrDER with the one-time token ott to /1.0/sign, asking for
+// notAfter (an RFC 3339 time, or a duration from now), and returns the
+// chain step-ca answers, leaf first.
+func (c *Client) post(ctx context.Context, csrDER []byte, ott, notAfter string) ([]*x509.Certificate, error) {
 	body, err := json.Marshal(map[string]string{
 		"csr":      string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})),
 		"ott":      ott,
-		"notAfter": notAfter.UTC().Format(time.RFC3339),
+		"notAfter": notAfter,
 	})
 	if err != nil {
-		return nil, nil, c.fail("signing", err)
+		return nil, c.fail("signing", err)
 	}
 	var resp struct {
 		CertChain []string `json:"certChain"`
@@ -148,24 +159,24 @@ func (c *Client) Sign(ctx context.Context, csrDER []byte, notAfter time.Time) (*
 			c.mu.Unlock()
 			err = fmt.Errorf("%w (the token was refused: the provisioner's key is read again at the next attempt; step-ca's log says why)", err)
 		}
-		return nil, nil, c.fail("signing", err)
+		return nil, c.fail("signing", err)
 	}
 	var chain []*x509.Certificate
 	for i, p := range resp.CertChain {
 		block, rest := pem.Decode([]byte(p))
 		if block == nil || block.Type != "CERTIFICATE" || len(bytes.TrimSpace(rest)) != 0 {
-			return nil, nil, c.fail("signing", fmt.Errorf("certChain[%d] is not one PEM certificate", i))
+			return nil, c.fail("signing", fmt.Errorf("certChain[%d] is not one PEM certificate", i))
 		}
 		cert, err := x509.ParseCertificate(block.Bytes)
 		if err != nil {
-			return nil, nil, c.fail("signing", fmt.Errorf("certChain[%d]: %w", i, err))
+			return nil, c.fail("signing", fmt.Errorf("certChain[%d]: %w", i, err))
 		}
 		chain = append(chain, cert)
 	}
 	if len(chain) == 0 {
-		return nil, nil, c.fail("signing", errors.New("step-ca answered no certificate"))
+		return nil, c.fail("signing", errors.New("step-ca answered no certificate"))
 	}
-	return chain[0], chain[1:], nil
+	return chain, nil
 }
 
 // provisionerKey finds the JWK provisioner by name and decrypts its key,

@@ -69,7 +69,7 @@ func TestStepCARefusals(t *testing.T) {
 	s := steptest.Start(t, steptest.Options{})
 	ctx := context.Background()
 	for name, tc := range map[string]struct{ provisioner, password, want string }{
-		"wrong password":      {s.Provisioner.Name, "not-the-password", "wrong password"},
+		"wrong password":      {s.Provisioner.Name, "not-the-password", "wrong password? failed to decrypt JWE: invalid password"},
 		"no such provisioner": {"nobody", s.Provisioner.Password, "no provisioner of that name"},
 	} {
 		err := client(t, s, tc.provisioner, tc.password).Check(ctx)
