@@ -37,7 +37,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -236,18 +235,7 @@ func (e *stormEnv) tokens(t *testing.T, pods []stormPod) []string {
 }
 
 func (e *stormEnv) podToken(p stormPod, audience string) (string, error) {
-	expiry := int64(3600)
-	tr, err := e.kube.CoreV1().ServiceAccounts(stormNamespace).CreateToken(context.Background(), p.sa, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{
-			Audiences:         []string{audience},
-			ExpirationSeconds: &expiry,
-			BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.name, UID: p.uid},
-		},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		return "", fmt.Errorf("TokenRequest for pod %s: %w", p.name, err)
-	}
-	return tr.Status.Token, nil
+	return kubetest.PodToken(context.Background(), e.kube, stormNamespace, p.sa, p.name, p.uid, audience)
 }
 
 // parallel runs f(0..n-1), workers at a time, and returns the first error.

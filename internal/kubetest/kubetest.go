@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -319,16 +320,26 @@ func (c *Cluster) PodToken(t testing.TB, pod *corev1.Pod, audiences ...string) s
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	tok, err := PodToken(ctx, c.Client, pod.Namespace, pod.Spec.ServiceAccountName, pod.Name, pod.UID, audiences...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// PodToken is Cluster.PodToken for callers without a testing.TB (many
+// goroutines at once): a one-hour token of ns/sa bound to pod name, uid.
+func PodToken(ctx context.Context, client kubernetes.Interface, ns, sa, name string, uid types.UID, audiences ...string) (string, error) {
 	expiry := int64(3600)
-	tr, err := c.Client.CoreV1().ServiceAccounts(pod.Namespace).CreateToken(ctx, pod.Spec.ServiceAccountName, &authenticationv1.TokenRequest{
+	tr, err := client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{
 		Spec: authenticationv1.TokenRequestSpec{
 			Audiences:         audiences,
 			ExpirationSeconds: &expiry,
-			BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+			BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: name, UID: uid},
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		t.Fatalf("TokenRequest for pod %s/%s: %v", pod.Namespace, pod.Name, err)
+		return "", fmt.Errorf("TokenRequest for pod %s/%s: %w", ns, name, err)
 	}
-	return tr.Status.Token
+	return tr.Status.Token, nil
 }
