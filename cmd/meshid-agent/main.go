@@ -32,6 +32,7 @@ import (
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
+	"github.com/meshid/meshid/internal/version"
 	"github.com/meshid/meshid/sds"
 )
 
@@ -97,7 +98,7 @@ func run(ctx context.Context, o *options) error {
 	defer conn.Close()
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), version.Collector("meshid_agent"))
 	metrics := agent.NewMetrics(reg)
 	m, err := agent.NewManager(agent.Config{
 		Signer:         agent.NewCAClient(conn, o.clusterID),
@@ -199,7 +200,7 @@ func run(ctx context.Context, o *options) error {
 	}
 	httpServer := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { errc <- httpServer.Serve(httpLis) }()
-	log.Info("meshid-agent started", "mode", o.mode, "spiffe_id", o.id.String(), "ca_addr", o.caAddr, "http_addr", httpLis.Addr().String())
+	log.Info("meshid-agent started", "version", version.Version, "revision", version.Revision(), "mode", o.mode, "spiffe_id", o.id.String(), "ca_addr", o.caAddr, "http_addr", httpLis.Addr().String())
 
 	select {
 	case <-ctx.Done():

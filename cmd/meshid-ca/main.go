@@ -42,6 +42,7 @@ import (
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
+	"github.com/meshid/meshid/internal/version"
 )
 
 func main() {
@@ -82,7 +83,7 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), version.Collector("meshid_ca"))
 
 	var (
 		kube    kubernetes.Interface
@@ -492,7 +493,7 @@ func run(ctx context.Context, o *options) error {
 				go watchStepRoots(ctx, o.stepRootFile, o.caSync, upstream, r, log)
 			}
 			server.SetServing(health, true)
-			log.Info("meshid-ca ready")
+			log.Info("meshid-ca ready", "version", version.Version, "revision", version.Revision())
 		}()
 	} else {
 		server.SetServing(health, true)
