@@ -42,7 +42,9 @@ mkdir -p "$cache_root"
 cache_root="$(cd "$cache_root" && pwd)"
 outdir="$cache_root/istio/$version"
 
-if [[ $force -eq 0 && -x "$outdir/pilot-agent" && -s "$outdir/envoy_bootstrap_tmpl.json" ]]; then
+# .static marks a binary built with CGO_ENABLED=0, which also runs in an
+# image with no C library (e2e/cluster); older caches are rebuilt.
+if [[ $force -eq 0 && -x "$outdir/pilot-agent" && -s "$outdir/envoy_bootstrap_tmpl.json" && -e "$outdir/.static" ]]; then
 	echo "$outdir"
 	exit 0
 fi
@@ -62,7 +64,8 @@ start=$SECONDS
 	cd "$moddir"
 	# GOWORK=off: never let a go.work above this directory take over.
 	# -mod=readonly on the command line wins over any -mod in GOFLAGS.
-	export GOWORK=off
+	# CGO_ENABLED=0: static, as Istio's own images ship it.
+	export GOWORK=off CGO_ENABLED=0
 	go build -mod=readonly -p 2 -trimpath -ldflags='-s -w' \
 		-o "$tmpdir/pilot-agent" istio.io/istio/pilot/cmd/pilot-agent
 	istio_dir="$(go list -mod=readonly -m -f '{{.Dir}}' istio.io/istio)"
@@ -73,5 +76,6 @@ start=$SECONDS
 # Template first, binary last: the binary's presence marks a complete install.
 mv -f "$tmpdir/envoy_bootstrap_tmpl.json" "$outdir/envoy_bootstrap_tmpl.json"
 mv -f "$tmpdir/pilot-agent" "$outdir/pilot-agent"
+touch "$outdir/.static"
 echo "pilot-agent.sh: built in $((SECONDS - start))s" >&2
 echo "$outdir"

@@ -57,7 +57,7 @@ func newSecretsCommand() *cobra.Command {
 		Short: "Show the secrets an agent serves over SDS, as Envoy gets them",
 		Long: `secrets asks meshid-agent over its SDS socket for the secrets Envoy asks for
 (FetchSecrets; a stream as Envoy opens one when the agent holds no certificate
-for the caller yet) and shows each: type, status, serial, validity, SPIFFE ID and
+for the caller yet, or serves no FetchSecrets, as Istio's pilot-agent) and shows each: type, status, serial, validity, SPIFFE ID and
 the version the agent reported. ROOTCA gets one row per root (several during a
 root rotation). The private key served with "default" is never shown nor kept:
 it is only checked against the leaf (KEY MATCHES).
@@ -187,10 +187,15 @@ func fetchSecret(ctx context.Context, client secretv3.SecretDiscoveryServiceClie
 		TypeUrl:       sds.SecretType,
 	}
 	resp, err := client.FetchSecrets(ctx, req)
-	if status.Code(err) == codes.Unavailable {
+	switch status.Code(err) {
+	case codes.Unavailable:
 		// No certificate yet for this caller: the agent has just started,
 		// or (node mode) no proxy holds this identity, and a fetch lets go
 		// of it at once. A stream holds it until its certificate comes.
+		resp, err = streamOnce(ctx, client, req)
+	case codes.Unimplemented:
+		// Istio's own agent (pilot-agent) serves only streams, which is
+		// all Envoy uses.
 		resp, err = streamOnce(ctx, client, req)
 	}
 	if err != nil {

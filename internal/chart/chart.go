@@ -143,7 +143,7 @@ func Base(dir string) (map[string][]byte, error) {
 	for _, r := range resources {
 		fmt.Fprintf(&k, "  - %s\n", r)
 	}
-	k.WriteString("images:\n  # meshid publishes no image yet. Point these at yours in an overlay of\n  # your own (an images entry with the same name), not here.\n")
+	k.WriteString("images:\n  # The images hack/images.sh builds (loaded into a node, or pushed to a\n  # registry of yours: deploy/README.md). Point these at yours in an\n  # overlay of your own (an images entry with the same name), not here.\n")
 	for _, img := range images {
 		name, tag := splitImage(img)
 		fmt.Fprintf(&k, "  - name: %s\n    newName: %s\n    newTag: %s\n", name, name, tag)
