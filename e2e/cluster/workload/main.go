@@ -326,4 +326,3 @@ func attack(socket string, own credentials.PerRPCCredentials, victimID, victimTo
 	// Stay, so that the test reads the log of a running container.
 	select {}
 }
-
