@@ -252,14 +252,14 @@ func cleanIptables() error {
 		}
 		var chains []string
 		for _, line := range strings.Split(string(out), "\n") {
-			f := strings.Fields(line)
+			f := splitRule(line)
 			switch {
 			case len(f) >= 2 && f[0] == "-N" && ours(f[1]):
 				chains = append(chains, f[1])
 			case len(f) >= 2 && f[0] == "-A" && !ours(f[1]) && (jumpsTo(f, ours) || strings.Contains(line, cniNetwork)):
 				// A built-in chain's rule into ours: delete it by its spec.
 				args := append([]string{"-w", "-t", table, "-D"}, f[1:]...)
-				if err := exec.Command("iptables", unquote(args)...).Run(); err != nil {
+				if err := exec.Command("iptables", args...).Run(); err != nil {
 					errs = append(errs, fmt.Errorf("iptables -t %s %s: %w", table, strings.Join(f, " "), err))
 				}
 			}
@@ -285,24 +285,39 @@ func jumpsTo(f []string, ours func(string) bool) bool {
 	return false
 }
 
-// unquote turns iptables -S output's quoted comment back into one
-// argument (-m comment --comment "a b" → [... "a b"]).
-func unquote(args []string) []string {
-	var out []string
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		if strings.HasPrefix(a, `"`) && !(len(a) > 1 && strings.HasSuffix(a, `"`)) {
-			parts := []string{a}
-			for i+1 < len(args) {
-				i++
-				parts = append(parts, args[i])
-				if strings.HasSuffix(args[i], `"`) {
-					break
-				}
+// splitRule splits a line of iptables -S output into its arguments as a
+// shell would: iptables quotes an argument with spaces ("a b") and escapes
+// quotes inside it (\"), as CNI's comments have.
+func splitRule(line string) []string {
+	var (
+		args    []string
+		cur     strings.Builder
+		inQuote bool
+		started bool
+	)
+	for i := 0; i < len(line); i++ {
+		ch := line[i]
+		switch {
+		case ch == '\\' && i+1 < len(line):
+			i++
+			cur.WriteByte(line[i])
+			started = true
+		case ch == '"':
+			inQuote = !inQuote
+			started = true
+		case (ch == ' ' || ch == '\t') && !inQuote:
+			if started {
+				args = append(args, cur.String())
+				cur.Reset()
+				started = false
 			}
-			a = strings.Join(parts, " ")
+		default:
+			cur.WriteByte(ch)
+			started = true
 		}
-		out = append(out, strings.Trim(a, `"`))
 	}
-	return out
+	if started {
+		args = append(args, cur.String())
+	}
+	return args
 }
