@@ -13,6 +13,8 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"sigs.k8s.io/yaml"
@@ -436,5 +438,50 @@ func TestSecretsGolden(t *testing.T) {
 	var back secretsReport
 	if err := json.Unmarshal(j, &back); err != nil || !reflect.DeepEqual(back, rep) {
 		t.Errorf("JSON round trip (%v):\n%+v\nwant\n%+v", err, back, rep)
+	}
+}
+
+// streamOnly is an SDS service that serves streams only, as Istio's
+// pilot-agent does: FetchSecrets answers Unimplemented.
+type streamOnly struct {
+	secretv3.UnimplementedSecretDiscoveryServiceServer
+	srv *sds.Server
+}
+
+func (s streamOnly) StreamSecrets(gs grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]) error {
+	return s.srv.StreamSecrets(gs)
+}
+
+// TestSecretsStreamOnly: against an agent without FetchSecrets, secrets
+// reads the same certificate through a stream.
+func TestSecretsStreamOnly(t *testing.T) {
+	f := startPod(t, true)
+	h := f.manager.Acquire(web, agent.StaticToken(web.String()))
+	defer h.Release()
+	svid := waitSVID(t, h)
+
+	dir, err := os.MkdirTemp("", "sds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket := filepath.Join(dir, "socket")
+	lis, err := sds.Listen(socket, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(sds.ServerOptions()...)
+	pod := agent.Pod{Manager: f.manager, ID: web, Tokens: agent.StaticToken(web.String())}
+	secretv3.RegisterSecretDiscoveryServiceServer(g, streamOnly{srv: sds.New(pod, f.bundle, nil)})
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+
+	r := runCLI(t, nil, "secrets", "--socket", socket, "-o", "json")
+	r.want(t, exitOK)
+	noKey(t, r.stdout+r.stderr, svid)
+	rep := secretsJSON(t, r)
+	if len(rep.Secrets) != 2 || rep.Secrets[0].SerialNumber != svid.Serial.Text(16) || rep.Secrets[0].SPIFFEID != webID ||
+		rep.Secrets[1].ResourceName != "ROOTCA" || !rep.Secrets[1].ValidCert {
+		t.Errorf("through a stream-only agent: %+v", rep.Secrets)
 	}
 }
