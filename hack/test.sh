@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
-# Runs every test of meshid, as CI does: builds the real kube-apiserver, etcd,
-# Istio's pilot-agent and smallstep's step-ca from the Go module proxy when
-# they are not cached
-# (cold: about 17 minutes; warm: seconds), starts a local PostgreSQL
-# (installing Debian's package if missing), then vet, the unit and
-# end-to-end tests with the race detector, and each fuzz target for FUZZTIME
-# (default 5s).
+# Runs every test of meshid, as CI does, on a fresh Debian machine:
+#   1. installs the Debian packages of hack/deps.txt that are missing
+#      (hack/deps.sh: gcc, PostgreSQL, SoftHSM2, containerd, runc, ...);
+#   2. builds the real parts from the Go module proxy when they are not
+#      cached: kube-apiserver and etcd, Istio's pilot-agent, step-ca, and
+#      the cluster's kubelet, controller-manager, scheduler, kube-proxy and
+#      CoreDNS (hack/kube-node.sh);
+#   3. starts a local PostgreSQL for the ledger tests;
+#   4. gofmt, go vet, the unit and end-to-end tests with the race detector,
+#      each fuzz target for FUZZTIME (default 5s);
+#   5. the end-to-end test on a real single-node cluster
+#      (hack/cluster-test.sh), last, so it has the machine to itself.
+#
+#   hack/test.sh                # everything (times in the README)
+#   hack/test.sh --no-cluster   # all but step 5, for a machine that cannot
+#                               # run containers (it says so at the end)
 #
 # Real parts are required here: a test that cannot find them fails instead of
 # skipping. Plain `go test ./...` skips them with the command that builds them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+cluster=1
+for arg in "$@"; do
+	case "$arg" in
+	--no-cluster) cluster=0 ;;
+	-h | --help)
+		sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
+		exit 0
+		;;
+	*)
+		echo "test.sh: unknown argument '$arg' (usage: hack/test.sh [--no-cluster])" >&2
+		exit 2
+		;;
+	esac
+done
+
+echo "== Debian packages (hack/deps.sh installs what hack/deps.txt lists and is missing)" >&2
+hack/deps.sh
+
 echo "== real parts (cached under ${MESHID_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/meshid})" >&2
 KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 MESHID_PILOT_AGENT_DIR=$(hack/pilot-agent.sh)
 MESHID_STEP_CA_DIR=$(hack/step-ca.sh)
+if ((cluster)); then
+	hack/kube-node.sh >/dev/null
+fi
 export KUBEBUILDER_ASSETS MESHID_PILOT_AGENT_DIR MESHID_STEP_CA_DIR
 echo "== PostgreSQL for the ledger tests (hack/postgres.sh)" >&2
 # Stopped again at the end if this run started it; left running if it was.
@@ -36,7 +66,7 @@ trap stop_postgres EXIT
 MESHID_TEST_POSTGRES_DSN=$(hack/postgres.sh)
 export MESHID_TEST_POSTGRES_DSN
 export MESHID_REQUIRE_KUBE=1 MESHID_REQUIRE_ISTIO=1 MESHID_REQUIRE_POSTGRES=1
-# HSM: SoftHSM2, Debian's softhsm2 package (.ci/run installs it).
+# HSM: SoftHSM2, Debian's softhsm2 package (hack/deps.sh installs it).
 export MESHID_REQUIRE_STEP=1 MESHID_REQUIRE_HSM=1
 
 echo "== gofmt, go vet" >&2
@@ -59,4 +89,11 @@ go test -race -count=1 -p 2 -timeout 20m ./...
 
 echo "== fuzz targets, ${FUZZTIME:-5s} each" >&2
 FUZZTIME=${FUZZTIME:-5s} hack/fuzz.sh
-echo "== all tests passed" >&2
+
+if ((cluster)); then
+	echo "== meshid on a real single-node cluster (hack/cluster-test.sh)" >&2
+	hack/cluster-test.sh
+	echo "== all tests passed" >&2
+else
+	echo "== all tests passed, but not the cluster test (--no-cluster): hack/cluster-test.sh runs it" >&2
+fi

@@ -838,8 +838,8 @@ func isComponent(name string) bool {
 // waitFor polls check until it passes, the component exits, or
 // readyTimeout passes; the error then carries the last failure and the
 // component's last log lines.
-func (c *Cluster) waitFor(ctx context.Context, what string, check func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+func (c *Cluster) waitFor(parent context.Context, what string, check func() error) error {
+	ctx, cancel := context.WithTimeout(parent, readyTimeout)
 	defer cancel()
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
@@ -854,6 +854,9 @@ func (c *Cluster) waitFor(ctx context.Context, what string, check func() error) 
 		}
 		select {
 		case <-ctx.Done():
+			if parent.Err() != nil {
+				return fmt.Errorf("cluster: interrupted while waiting for %s: %w", what, parent.Err())
+			}
 			msg := fmt.Sprintf("cluster: %s not ready after %s: %v", what, readyTimeout, err)
 			if isComponent(name) {
 				msg += fmt.Sprintf("; the end of %s:\n%s", c.LogFile(name), tail(c.LogFile(name), 20))
