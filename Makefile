@@ -1,5 +1,5 @@
 # Shortcuts; the scripts in hack/ are what they run and need only Go and bash.
-.PHONY: build demo test unit fuzz perf assets clean
+.PHONY: build demo test unit fuzz perf assets images cluster-up cluster-down cluster-test clean
 
 build:
 	go build -o bin/ ./cmd/...
@@ -20,10 +20,25 @@ fuzz:
 perf:
 	hack/perf-ca.sh
 
+# Container images as archives in dist/images (no Docker daemon needed).
+images:
+	hack/images.sh
+
+# A real single-node cluster on this machine (root), and the test on it.
+cluster-up:
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+cluster-test:
+	hack/cluster-test.sh
+
 assets:
 	hack/kube-assets.sh
 	hack/pilot-agent.sh
 	hack/step-ca.sh
+	hack/kube-node.sh
 
 clean:
-	rm -rf bin .meshid-demo
+	rm -rf bin dist .meshid-demo
