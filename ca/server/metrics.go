@@ -15,6 +15,9 @@ type Metrics struct {
 	reloads      *prometheus.CounterVec
 	rateLimited  *prometheus.CounterVec
 	nodeProxy    *prometheus.CounterVec
+	// Every refusal by reason, and those the log left out (refusalLog).
+	refusals              *prometheus.CounterVec
+	refusalLogsSuppressed *prometheus.CounterVec
 }
 
 // NewMetrics registers the CA's metrics with reg. The expiry gauges read
@@ -47,6 +50,14 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			Name: "meshid_ca_node_proxy_requests_total",
 			Help: "Requests naming an ImpersonatedIdentity (Istio ambient's ztunnel asking for a workload on its node), by result: allowed, unavailable, or the reason refused.",
 		}, []string{"result"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_refusals_total",
+			Help: "CreateCertificate requests refused, by reason (no_token, an authentication reason, bad_identity, denied, rate_limited, bad_ttl, csr, impersonation, node_proxy_unavailable, not_ready, sign_failed, not_recorded); each counted whether or not it was logged.",
+		}, []string{"reason"}),
+		refusalLogsSuppressed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_refusal_logs_suppressed_total",
+			Help: "Refusals not written to the log because their reason logged 10 lines at once or 1 per second already; summarized in the log with their count.",
+		}, []string{"reason"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_plugin_reloads_total",
 			Help: "Reloads of a plug-in CA after its files changed, by result.",
@@ -65,7 +76,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy,
+	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy, m.refusals, m.refusalLogsSuppressed,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

@@ -97,6 +97,7 @@ type CertificateService struct {
 	nodeAuth  NodeProxies
 	metrics   *Metrics
 	log       *slog.Logger
+	refusals  *refusalLog
 	now       func() time.Time
 }
 
@@ -133,6 +134,7 @@ func NewCertificateService(cfg Config) (*CertificateService, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
+	s.refusals = newRefusalLog(s.log, s.metrics, s.now)
 	if cfg.Limits.Pod.on() || cfg.Limits.Namespace.on() || cfg.Limits.Global.on() {
 		s.limiter = newLimiter(cfg.Limits, s.now)
 	}
@@ -157,7 +159,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	token, err := k8sauth.BearerToken(md)
 	if err != nil {
 		s.metrics.authFailures.WithLabelValues("no_token").Inc()
-		s.log.Warn("request refused", "reason", "no_token", "error", err)
+		s.refusals.refuse(s.log, slog.LevelWarn, "no_token", "request refused", "error", err)
 		return nil, status.Error(codes.Unauthenticated, msgNoToken)
 	}
 	claimed := clusterID(md)
@@ -165,7 +167,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	if err != nil {
 		reason := k8sauth.Reason(err)
 		s.metrics.authFailures.WithLabelValues(reason).Inc()
-		s.log.Warn("authentication failed", "reason", reason, "error", err)
+		s.refusals.refuse(s.log, slog.LevelWarn, reason, "authentication failed", "error", err)
 		if errors.Is(err, k8sauth.ErrUnavailable) {
 			return nil, status.Error(codes.Unavailable, msgAuthUnavailable)
 		}
@@ -173,7 +175,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	}
 	id, err := caller.ID(s.td)
 	if err != nil {
-		s.log.Warn("authenticated caller has no valid SPIFFE ID", "namespace", caller.Namespace, "service_account", caller.ServiceAccount, "error", err)
+		s.refusals.refuse(s.log, slog.LevelWarn, "bad_identity", "authenticated caller has no valid SPIFFE ID", "namespace", caller.Namespace, "service_account", caller.ServiceAccount, "error", err)
 		return nil, status.Error(codes.Unauthenticated, msgAuthFailed)
 	}
 	log := s.log.With("spiffe_id", id.String(), "pod", podRef(caller))
@@ -191,22 +193,23 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	}
 	defer s.denyList.Guard()()
 	if s.denied(holder.ID, requestedBy) {
-		log.Warn("request refused", "reason", "denied")
+		s.refusals.refuse(log, slog.LevelWarn, "denied", "request refused")
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
 	if ok, scope := s.limiter.allow(limitKey(holder.ID, caller, requestedBy != ""), holder.Namespace); !ok {
 		s.metrics.rateLimited.WithLabelValues(scope).Inc()
-		log.Warn("request refused", "reason", "rate_limited", "scope", scope)
+		s.refusals.refuse(log, slog.LevelWarn, "rate_limited", "request refused", "scope", scope)
 		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
 		return nil, status.Error(codes.ResourceExhausted, msg)
 	}
 	ttl, err := requestedTTL(req.GetValidityDuration())
 	if err != nil {
+		s.refusals.refuse(log, slog.LevelWarn, "bad_ttl", "request refused", "error", err)
 		return nil, status.Error(codes.InvalidArgument, msgNegativeTTL)
 	}
 	pub, err := csr.Validate([]byte(req.GetCsr()), holder.ID)
 	if err != nil {
-		log.Warn("request refused", "reason", "csr", "error", err)
+		s.refusals.refuse(log, slog.LevelWarn, "csr", "request refused", "error", err)
 		if errors.Is(err, csr.ErrNotCaller) {
 			return nil, status.Error(codes.PermissionDenied, err.Error())
 		}
@@ -215,9 +218,10 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	cert, err := s.authority.Issue(ca.Request{ID: holder.ID, PublicKey: pub, TTL: ttl})
 	if err != nil {
 		if errors.Is(err, ca.ErrNoIssuer) {
+			s.refusals.refuse(log, slog.LevelWarn, "not_ready", "request refused: no CA certificate loaded yet")
 			return nil, status.Error(codes.Unavailable, msgNotReady)
 		}
-		log.Error("signing failed", "error", err)
+		s.refusals.refuse(log, slog.LevelError, "sign_failed", "signing failed", "error", err)
 		return nil, status.Error(codes.Internal, msgSignFailed)
 	}
 	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
@@ -231,7 +235,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
 	if err != nil {
 		// Signed but never returned: a certificate no one holds.
-		log.Error("certificate not recorded; not returned", "serial", serial, "error", err)
+		s.refusals.refuse(log, slog.LevelError, "not_recorded", "certificate not recorded; not returned", "serial", serial, "error", err)
 		if errors.Is(err, ledger.ErrUnavailable) || ctx.Err() != nil {
 			return nil, status.Error(codes.Unavailable, msgNotRecorded)
 		}
@@ -239,7 +243,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 	}
 	if s.denied(holder.ID, requestedBy) {
 		// Denied while it was being signed: recorded, never returned.
-		log.Warn("request refused", "reason", "denied", "serial", serial)
+		s.refusals.refuse(log, slog.LevelWarn, "denied", "request refused", "serial", serial)
 		return nil, status.Error(codes.PermissionDenied, msgDenied)
 	}
 	log.Info("certificate issued",
@@ -254,7 +258,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 func (s *CertificateService) impersonate(caller k8sauth.Caller, requested string, log *slog.Logger) (nodeauth.Workload, error) {
 	if s.nodeAuth == nil {
 		s.metrics.nodeProxy.WithLabelValues("not_enabled").Inc()
-		log.Warn("request refused", "reason", "impersonation", "detail", "no node proxies configured")
+		s.refusals.refuse(log, slog.LevelWarn, "impersonation", "request refused", "detail", "no node proxies configured")
 		return nodeauth.Workload{}, status.Error(codes.PermissionDenied, msgImpersonation)
 	}
 	w, err := s.nodeAuth.Authorize(caller, requested)
@@ -265,14 +269,14 @@ func (s *CertificateService) impersonate(caller k8sauth.Caller, requested string
 		return w, nil
 	case errors.Is(err, nodeauth.ErrUnavailable):
 		s.metrics.nodeProxy.WithLabelValues("unavailable").Inc()
-		log.Warn("node proxy request not decided", "error", err)
+		s.refusals.refuse(log, slog.LevelWarn, "node_proxy_unavailable", "node proxy request not decided", "error", err)
 		return nodeauth.Workload{}, status.Error(codes.Unavailable, msgNodeProxyWait)
 	case errors.As(err, &refused):
 		s.metrics.nodeProxy.WithLabelValues(refused.Reason).Inc()
 	default:
 		s.metrics.nodeProxy.WithLabelValues("error").Inc()
 	}
-	log.Warn("request refused", "reason", "impersonation", "error", err)
+	s.refusals.refuse(log, slog.LevelWarn, "impersonation", "request refused", "error", err)
 	return nodeauth.Workload{}, status.Error(codes.PermissionDenied, msgImpersonationNo)
 }
 
