@@ -355,7 +355,7 @@ func TestHelmRender(t *testing.T) {
 		var ds appsv1.DaemonSet
 		typed(t, findObject(objs, "DaemonSet", "meshid-agent"), &ds)
 		c, ac := dep.Spec.Template.Spec.Containers[0], ds.Spec.Template.Spec.Containers[0]
-		if c.Image != "registry.example.com/meshid/meshid-ca:v0.1.0" || c.ImagePullPolicy != corev1.PullAlways || ac.Image != "registry.example.org:5000/mesh/agent:1.2" {
+		if c.Image != "localhost/meshid/meshid-ca:v0.1.0" || c.ImagePullPolicy != corev1.PullAlways || ac.Image != "registry.example.org:5000/mesh/agent:1.2" {
 			t.Errorf("images %s (%s), %s", c.Image, c.ImagePullPolicy, ac.Image)
 		}
 		for _, a := range [][]string{c.Args, ac.Args} {

@@ -16,7 +16,7 @@ import (
 // every flag it names is one a meshid binary has, every file and script it
 // points to exists, and every fuzz target is listed.
 func TestReadmeIsTrue(t *testing.T) {
-	docs := []string{"../README.md", "../SECURITY.md", "../docs/design.md", "../docs/performance.md", "../deploy/README.md", "../deploy/istio.md"}
+	docs := []string{"../README.md", "../SECURITY.md", "../docs/design.md", "../docs/performance.md", "../deploy/README.md", "../deploy/istio.md", "../docs/cluster.md"}
 	text := map[string]string{}
 	for _, d := range docs {
 		b, err := os.ReadFile(d)
@@ -28,6 +28,18 @@ func TestReadmeIsTrue(t *testing.T) {
 
 	t.Run("flags", func(t *testing.T) {
 		ours := binaryFlags(t)
+		// and the hack/ scripts' own options, as their case arms name them.
+		scripts, _ := filepath.Glob("../hack/*.sh")
+		armRE := regexp.MustCompile(`(?m)^\s*(--[a-z][a-z0-9-]+)(?:\s*\|[^)]*)?\)`)
+		for _, sc := range scripts {
+			b, err := os.ReadFile(sc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range armRE.FindAllStringSubmatch(string(b), -1) {
+				ours[m[1]] = true
+			}
+		}
 		// Flags of other programs the documents show: kubectl, go test,
 		// hyperfine, istioctl, the flood tools' environment.
 		others := []string{"--audience", "--warmup", "--runs", "--help", "--context", "--name"}
