@@ -532,6 +532,14 @@ func (e *entry) tick() {
 		}
 	} else {
 		delay := cfg.Backoff.Delay(e.attempt, cfg.Rand())
+		if e.svid != nil {
+			// Backoff alone may wait past the held certificate's expiry
+			// though the CA is back well before it: never wait more than a
+			// quarter of what is left, so the retries close in on it.
+			if left := time.Until(e.svid.NotAfter); left > 0 {
+				delay = min(delay, max(cfg.Backoff.Initial/2, left/4))
+			}
+		}
 		e.attempt++
 		next = time.Now().Add(delay)
 		e.lastErr = err

@@ -362,3 +362,37 @@ func TestManagerRenewsWithALiveHoldersToken(t *testing.T) {
 		}
 	})
 }
+
+// TestManagerRetriesBeforeExpiry: an outage that ends shortly before the
+// certificate lapses must not leave the next retry, spaced by exponential
+// backoff, past its expiry. The CA is down from just before the renewal
+// point until 6 s before the end of a 1-minute certificate; backoff alone
+// would wait 24 s more.
+func TestManagerRetriesBeforeExpiry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := catest.New(t)
+		m, err := NewManager(Config{
+			Signer:  c,
+			TTL:     time.Minute,
+			Backoff: Backoff{Initial: time.Second, Max: 2 * time.Minute},
+			Rand:    func() float64 { return 0.5 },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(m.Close)
+		h, first := holdWeb(t, m)
+		time.Sleep(29 * time.Second)
+		c.SetDown(true)
+		time.Sleep(time.Until(first.Leaf().NotAfter) - 6*time.Second)
+		c.SetDown(false)
+		select {
+		case <-h.Changed():
+		case <-time.After(time.Until(first.Leaf().NotAfter)):
+			t.Fatal("the certificate lapsed though the CA was back 6 s before its expiry")
+		}
+		if got := h.SVID(); got == nil || got == first {
+			t.Fatalf("after the outage: %v, want a new certificate", got)
+		}
+	})
+}
