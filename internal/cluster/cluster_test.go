@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"net"
 	"slices"
 	"testing"
 )
@@ -58,5 +59,24 @@ func TestJumpsTo(t *testing.T) {
 	}
 	if jumpsTo(splitRule(`-A INPUT -m comment --comment "-j KUBE-X" -j ACCEPT`), ours) {
 		t.Error("a comment naming KUBE-X taken for a jump")
+	}
+}
+
+func TestBusy(t *testing.T) {
+	lo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lo.Close()
+	if port := lo.Addr().(*net.TCPAddr).Port; busy(port) {
+		t.Errorf("a listener on 127.0.0.1:%d taken for one on every address", port)
+	}
+	any, err := net.Listen("tcp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer any.Close()
+	if port := any.Addr().(*net.TCPAddr).Port; !busy(port) {
+		t.Errorf("a listener on 0.0.0.0:%d not seen", port)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -165,8 +166,8 @@ func (c *Config) preflight() error {
 	if _, err := net.InterfaceByName(bridgeName); err == nil {
 		bad("network device %s exists: a leftover of another cluster (hack/cluster.sh down)", bridgeName)
 	}
-	// The node IP is not ours yet, so a listener on any address holding
-	// a port is what would collide: test on the wildcard address.
+	// The node IP is not ours yet, so a listener on the wildcard address
+	// is what would collide.
 	ports := []int{portEtcd, portEtcdPeer, portAPIServer, portKubelet, portKubeletHealth, portControllerMgr, portScheduler, portProxyMetrics, portProxyHealth, portDNSHealth, portDNSReady}
 	if c.Postgres {
 		ports = append(ports, portPostgres)
@@ -190,14 +191,29 @@ func joinLines(errs []error) error {
 	return errors.New(strings.Join(s, "\n  "))
 }
 
-// busy reports whether something listens on port on every address (or
-// the wildcard), so that a bind to the node IP would fail.
+// busy reports whether something listens on port on the wildcard address
+// (0.0.0.0 or ::), so that a bind to the node IP would fail. A listener on
+// another address (PostgreSQL on 127.0.0.1:5432, say) does not collide.
 func busy(port int) bool {
-	l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", port))
-	if err != nil {
-		return true
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			fl := strings.Fields(line)
+			if len(fl) < 4 || fl[3] != "0A" { // TCP_LISTEN
+				continue
+			}
+			addr, p, ok := strings.Cut(fl[1], ":")
+			if n, err := strconv.ParseUint(p, 16, 16); !ok || err != nil || int(n) != port {
+				continue
+			}
+			if strings.Trim(addr, "0") == "" {
+				return true
+			}
+		}
 	}
-	l.Close()
 	return false
 }
 
