@@ -17,7 +17,9 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
 
@@ -32,6 +34,10 @@ func NewCSR(key crypto.Signer, id spiffeid.ID) ([]byte, error) {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
 }
+
+// CAKeepalive is how a client of meshid-ca checks that its connection is
+// alive: meshid-ca permits pings this often (server.KeepaliveEnforcement).
+var CAKeepalive = keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}
 
 // DialCA connects to a CA over TLS. The CA's certificate must chain to one
 // of roots() as they are at each handshake, not as they were when dialing:
@@ -62,7 +68,21 @@ func DialCA(addr string, roots func() []*x509.Certificate, serverName string, op
 			return VerifyCA(cs.PeerCertificates, roots(), serverName)
 		},
 	}
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc))}, opts...)
+	opts = append([]grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		// A connection whose packets are lost (a partition, a node gone
+		// without a FIN) would hold every renewal until the OS gives up on
+		// it, minutes later: pings find it dead within CAKeepalive's Time
+		// plus Timeout, even between requests, and a new one is dialled.
+		grpc.WithKeepaliveParams(CAKeepalive),
+		// grpc-go's own reconnect backoff grows to 2 minutes, which could
+		// outlast a short certificate after an outage; the manager's
+		// retries are spaced already.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 500 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			MinConnectTimeout: 5 * time.Second,
+		}),
+	}, opts...)
 	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("agent: dialing CA %s: %w", addr, err)

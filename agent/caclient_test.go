@@ -21,8 +21,12 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/Shopify/toxiproxy/v2"
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/keys"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc/keepalive"
 )
 
 // rotatingCA is a CA in the middle of a root rotation: it signs under cur
@@ -367,5 +371,65 @@ func TestHostOf(t *testing.T) {
 		if got := hostOf(addr); got != want {
 			t.Errorf("hostOf(%q) = %q, want %q", addr, got, want)
 		}
+	}
+}
+
+// TestDialCAFindsADeadConnection: a partition that drops every packet
+// leaves the connection looking open; DialCA's pings must find it dead and
+// dial again, so that a request after the partition heals is answered
+// instead of hanging on the old connection.
+func TestDialCAFindsADeadConnection(t *testing.T) {
+	r := newRotatingCA(t)
+	cert := servingCert(t, r.cur, x509.ExtKeyUsageServerAuth)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+
+	proxy := toxiproxy.NewProxy(toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop()), "ca", "127.0.0.1:0", lis.Addr().String())
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Stop)
+	conn, err := DialCA(proxy.Listen, func() []*x509.Certificate { return []*x509.Certificate{r.cur.RootCert} }, "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := healthCheck(ctx, conn, grpc.WaitForReady(true)); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, stream := range []string{"upstream", "downstream"} {
+		if _, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"name":"drop-` + stream + `","type":"timeout","stream":"` + stream + `","attributes":{"timeout":0}}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	short, cancelShort := context.WithTimeout(t.Context(), 2*time.Second)
+	err = healthCheck(short, conn)
+	cancelShort()
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("during the partition: %v, want DeadlineExceeded", err)
+	}
+	// Longer than the pings' interval and timeout: the connection is
+	// found dead while the partition lasts.
+	time.Sleep(CAKeepalive.Time + CAKeepalive.Timeout + time.Second) // the partition's length
+	proxy.Toxics.ResetToxics(context.Background())
+
+	begin := time.Now()
+	after, cancelAfter := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancelAfter()
+	if err := healthCheck(after, conn, grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("after the partition healed: %v (the dead connection was kept)", err)
+	}
+	if took := time.Since(begin); took > 5*time.Second {
+		t.Errorf("answered %s after the partition healed, want at once on a new connection", took)
 	}
 }

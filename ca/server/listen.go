@@ -3,6 +3,7 @@ package server
 import (
 	"crypto/tls"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -10,6 +11,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	pb "istio.io/api/security/v1alpha1"
 )
 
@@ -25,6 +27,11 @@ const MaxHeaderListBytes = 64 << 10
 // NewGRPCServer serves svc and the gRPC health service. With tlsConfig nil
 // it serves plaintext. The health service reports NOT_SERVING until the
 // caller calls SetServingStatus.
+// KeepaliveEnforcement lets clients ping as often as meshid-agent does
+// (agent.CAKeepalive, every 10 s, even between requests) to find dead
+// connections; grpc-go's default would answer such pings with GOAWAY.
+var KeepaliveEnforcement = keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}
+
 func NewGRPCServer(svc *CertificateService, tlsConfig *tls.Config, maxMessageBytes int) (*grpc.Server, *health.Server) {
 	if maxMessageBytes <= 0 {
 		maxMessageBytes = DefaultMaxMessageBytes
@@ -42,6 +49,7 @@ func NewGRPCServer(svc *CertificateService, tlsConfig *tls.Config, maxMessageByt
 		// on 2 cores, docs/performance.md), not as a limit.
 		grpc.NumStreamWorkers(streamWorkers),
 		grpc.SharedWriteBuffer(true),
+		grpc.KeepaliveEnforcementPolicy(KeepaliveEnforcement),
 	}
 	if tlsConfig != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tlsConfig)))
