@@ -7,7 +7,7 @@
 # meshidctl through port-forward, the leader killed with no certificate
 # lapsing) and takes the cluster down again, also on failure or Ctrl-C.
 #
-#   hack/cluster-test.sh             # about 6 minutes warm
+#   hack/cluster-test.sh             # about 3 minutes warm
 #   MESHID_CLUSTER_REUSE=1 hack/cluster-test.sh   # on a cluster already up; leaves it up
 #   MESHID_CLUSTER_KEEP=1 ...        # leave the release installed to look at it
 #
@@ -24,6 +24,7 @@ if [[ ${MESHID_CLUSTER_REUSE:-} == 1 ]] && hack/cluster.sh status >/dev/null 2>&
 	echo "cluster-test: using the cluster up in $MESHID_CLUSTER_DIR" >&2
 else
 	trap 'hack/cluster.sh down' EXIT
+	trap 'exit 130' INT TERM # so that EXIT's trap runs
 	hack/cluster.sh up
 fi
 

@@ -10,7 +10,7 @@
 #   4. gofmt, go vet, the unit and end-to-end tests with the race detector,
 #      each fuzz target for FUZZTIME (default 5s);
 #   5. the end-to-end test on a real single-node cluster
-#      (hack/cluster-test.sh), last, so it has the machine to itself.
+#      (hack/cluster-test.sh), beside the fuzzing of step 4.
 #
 #   hack/test.sh                # everything (times in the README)
 #   hack/test.sh --no-cluster   # all but step 5, for a machine that cannot
@@ -87,12 +87,42 @@ echo "== go test -race ./..." >&2
 # -p 2: two packages at a time on this project's 2-core machines.
 go test -race -count=1 -p 2 -timeout 20m ./...
 
-echo "== fuzz targets, ${FUZZTIME:-5s} each" >&2
-FUZZTIME=${FUZZTIME:-5s} hack/fuzz.sh
-
+# The cluster test mostly waits (for rotations, for a Lease to expire), and
+# fuzzing keeps both cores busy: they run side by side, the cluster test's
+# output kept until it ends.
+cluster_pid=""
+cluster_log=""
 if ((cluster)); then
-	echo "== meshid on a real single-node cluster (hack/cluster-test.sh)" >&2
-	hack/cluster-test.sh
+	echo "== meshid on a real single-node cluster (hack/cluster-test.sh), beside fuzzing" >&2
+	cluster_log=$(mktemp)
+	hack/cluster-test.sh >"$cluster_log" 2>&1 &
+	cluster_pid=$!
+	# On failure or Ctrl-C: stop the cluster test (its go test first), which
+	# takes its cluster down.
+	trap 'pkill -TERM -P $cluster_pid 2>/dev/null; kill $cluster_pid 2>/dev/null; wait $cluster_pid 2>/dev/null; stop_postgres' EXIT
+fi
+
+echo "== fuzz targets, ${FUZZTIME:-5s} each" >&2
+fuzz_ok=1
+FUZZTIME=${FUZZTIME:-5s} hack/fuzz.sh || fuzz_ok=0
+
+cluster_ok=1
+if ((cluster)); then
+	wait "$cluster_pid" || cluster_ok=0
+	trap stop_postgres EXIT
+	if ((cluster_ok)); then
+		grep -E '^(--- |ok|PASS|FAIL)|cluster_test.go:[0-9]+: +[0-9.]+s ' "$cluster_log" >&2 || true
+	else
+		cat "$cluster_log" >&2
+	fi
+	rm -f "$cluster_log"
+fi
+if ((!fuzz_ok || !cluster_ok)); then
+	((fuzz_ok)) || echo "== fuzzing failed" >&2
+	((cluster_ok)) || echo "== the cluster test failed (its output above)" >&2
+	exit 1
+fi
+if ((cluster)); then
 	echo "== all tests passed" >&2
 else
 	echo "== all tests passed, but not the cluster test (--no-cluster): hack/cluster-test.sh runs it" >&2

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshid/meshid/agent"
+	"github.com/meshid/meshid/ca/keys"
 )
 
 func TestMain(m *testing.M) {
@@ -130,6 +131,19 @@ func faults(hold time.Duration) []fault {
 				}
 			},
 			refusable: true,
+		},
+		{
+			name: "plug-in CA files of one replica replaced with garbage",
+			inject: func(w *world) func() {
+				before := w.cas[1].metric(`meshid_ca_plugin_reloads_total{result="error"}`)
+				w.writePlugin(map[string][]byte{keys.CACertFile: []byte("garbage"), keys.CAKeyFile: []byte("garbage")})
+				return func() {
+					if after := w.cas[1].metric(`meshid_ca_plugin_reloads_total{result="error"}`); after <= before {
+						w.t.Errorf("ca-b's failed reload not counted (%v → %v)", before, after)
+					}
+					w.writePlugin(w.pluginFiles)
+				}
+			},
 		},
 		{
 			name: "partition: meshid-agent ↔ meshid-ca",

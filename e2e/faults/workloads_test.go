@@ -28,15 +28,17 @@ type workload struct {
 	kind  string // "sds" or "workload-api"
 	id    spiffeid.ID
 	token string
+	roots *x509.CertPool // the mesh's root: every chain must verify to it
 
 	mu      sync.Mutex
 	current *x509.Certificate
 	serials []string
-	wrongID []string // certificates naming another identity
+	wrongID []string // certificates naming another identity, or not verifying
 	lapsed  map[string]time.Time
 }
 
-func (w *workload) receive(cert *x509.Certificate) {
+func (w *workload) receive(chain []*x509.Certificate) {
+	cert := chain[0]
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	serial := fmt.Sprintf("%x", cert.SerialNumber)
@@ -45,6 +47,13 @@ func (w *workload) receive(cert *x509.Certificate) {
 	}
 	if len(cert.URIs) != 1 || cert.URIs[0].String() != w.id.String() {
 		w.wrongID = append(w.wrongID, fmt.Sprintf("%s got %v (serial %s)", w.id, cert.URIs, serial))
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: w.roots, Intermediates: inter, CurrentTime: cert.NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		w.wrongID = append(w.wrongID, fmt.Sprintf("%s: serial %s does not verify to the mesh root: %v", w.id, serial, err))
 	}
 	w.current = cert
 	w.serials = append(w.serials, serial)
@@ -100,7 +109,7 @@ func (w *workload) followSDS(ctx context.Context, socket string) {
 			var sec tlsv3.Secret
 			if len(resp.Resources) == 1 && resp.Resources[0].UnmarshalTo(&sec) == nil {
 				if certs, err := ca.ParseCertificatesPEM(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes()); err == nil && len(certs) > 0 {
-					w.receive(certs[0])
+					w.receive(certs)
 				}
 			}
 			ack := &discoveryv3.DiscoveryRequest{VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce, ResourceNames: []string{sds.WorkloadCertName}, TypeUrl: sds.SecretType}
@@ -131,7 +140,7 @@ type watcher struct{ w *workload }
 
 func (v watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	if svid := c.DefaultSVID(); svid != nil && len(svid.Certificates) > 0 {
-		v.w.receive(svid.Certificates[0])
+		v.w.receive(svid.Certificates)
 	}
 }
 

@@ -54,6 +54,9 @@ type world struct {
 	socket string
 	roots  []*x509.Certificate
 
+	pluginDir   string            // ca-b's cacerts
+	pluginFiles map[string][]byte // their good contents
+
 	workloads []*workload
 	probe     *prober
 	stop      context.CancelFunc
@@ -77,19 +80,19 @@ func newWorld(t *testing.T, p params) *world {
 	if err := os.WriteFile(dsnFile, []byte(caDSN), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"ca-a", "ca-b"} {
-		w.cas = append(w.cas, startProc(t, name, "meshid-ca", "meshid-ca serving",
-			"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0",
-			"--log-format=json",
-			"--auth=kubernetes", "--kubeconfig="+w.front.Kubeconfig,
-			"--ca-source=secret", "--namespace=meshid-system", "--secret-name=meshid-ca", "--pod-name="+name,
-			"--ledger=postgres", "--ledger-dsn-file="+dsnFile,
-			// Faults last longer than a cached token decision.
-			"--token-cache-ttl=5s", "--token-negative-cache-ttl=2s"))
+	common := []string{
+		"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0",
+		"--log-format=json",
+		"--auth=kubernetes", "--kubeconfig=" + w.front.Kubeconfig, "--namespace=meshid-system",
+		"--ledger=postgres", "--ledger-dsn-file=" + dsnFile,
+		// Faults last longer than a cached token decision.
+		"--token-cache-ttl=5s", "--token-negative-cache-ttl=2s",
 	}
-	for _, c := range w.cas {
-		waitReady(t, c, 60*time.Second)
-	}
+	// A keeps the CA in a Secret (generating it); B is a plug-in CA
+	// (Istio's cacerts) of the same material, so that both sign under one
+	// root and B's files can be spoilt.
+	a := startProc(t, "ca-a", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-a", "--ca-source=secret", "--secret-name=meshid-ca")...)
+	waitReady(t, a, 60*time.Second)
 	sec, err := w.kube.Client.CoreV1().Secrets("meshid-system").Get(context.Background(), "meshid-ca", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -97,6 +100,15 @@ func newWorld(t *testing.T, p params) *world {
 	if w.roots, err = ca.ParseCertificatesPEM(sec.Data[keys.RootCertFile]); err != nil {
 		t.Fatal(err)
 	}
+	w.pluginDir = filepath.Join(dir, "cacerts")
+	w.pluginFiles = map[string][]byte{}
+	for _, f := range []string{keys.CACertFile, keys.CAKeyFile, keys.CertChainFile, keys.RootCertFile} {
+		w.pluginFiles[f] = sec.Data[f]
+	}
+	w.writePlugin(w.pluginFiles)
+	b := startProc(t, "ca-b", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-b", "--ca-source=plugin", "--plugin-dir="+w.pluginDir, "--plugin-poll-interval=1s")...)
+	waitReady(t, b, 60*time.Second)
+	w.cas = []*proc{a, b}
 	rootFile := filepath.Join(dir, "root-cert.pem")
 	if err := os.WriteFile(rootFile, sec.Data[keys.RootCertFile], 0o644); err != nil {
 		t.Fatal(err)
@@ -110,6 +122,10 @@ func newWorld(t *testing.T, p params) *world {
 		"--ca-addr="+w.toCA.Addr, "--ca-server-name=localhost", "--ca-root-file="+rootFile,
 		"--sds-socket="+w.socket, "--http-addr=127.0.0.1:0", "--cert-ttl="+p.ttl.String(), "--log-format=json")
 
+	pool := x509.NewCertPool()
+	for _, r := range w.roots {
+		pool.AddCert(r)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.stop = cancel
 	t.Cleanup(func() { cancel(); w.checker.Wait() })
@@ -120,7 +136,7 @@ func newWorld(t *testing.T, p params) *world {
 		}
 		sa := fmt.Sprintf("%s-%d", strings.ReplaceAll(kind, "-", ""), i)
 		w.kube.ServiceAccount(t, "apps", sa)
-		wl := &workload{kind: kind, id: spiffeid.RequireFromPath(td, "/ns/apps/sa/"+sa), token: w.kube.Token(t, "apps", sa, "istio-ca")}
+		wl := &workload{kind: kind, id: spiffeid.RequireFromPath(td, "/ns/apps/sa/"+sa), token: w.kube.Token(t, "apps", sa, "istio-ca"), roots: pool}
 		w.workloads = append(w.workloads, wl)
 		w.checker.Add(1)
 		go func() {
@@ -152,6 +168,24 @@ func newWorld(t *testing.T, p params) *world {
 		}
 	}()
 	return w
+}
+
+// writePlugin replaces ca-b's plug-in CA files, each atomically (as a
+// Secret volume's update is).
+func (w *world) writePlugin(files map[string][]byte) {
+	w.t.Helper()
+	if err := os.MkdirAll(w.pluginDir, 0o700); err != nil {
+		w.t.Fatal(err)
+	}
+	for name, data := range files {
+		tmp := filepath.Join(w.pluginDir, "."+name)
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			w.t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(w.pluginDir, name)); err != nil {
+			w.t.Fatal(err)
+		}
+	}
 }
 
 // waitAllHold waits until every workload holds a certificate.
