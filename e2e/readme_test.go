@@ -16,7 +16,7 @@ import (
 // every flag it names is one a meshid binary has, every file and script it
 // points to exists, and every fuzz target is listed.
 func TestReadmeIsTrue(t *testing.T) {
-	docs := []string{"../README.md", "../SECURITY.md", "../docs/design.md", "../docs/performance.md", "../deploy/README.md", "../deploy/istio.md", "../docs/cluster.md"}
+	docs := []string{"../README.md", "../SECURITY.md", "../docs/design.md", "../docs/performance.md", "../deploy/README.md", "../deploy/istio.md", "../docs/cluster.md", "../docs/faults.md"}
 	text := map[string]string{}
 	for _, d := range docs {
 		b, err := os.ReadFile(d)
