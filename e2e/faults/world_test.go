@@ -25,6 +25,8 @@ import (
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/internal/kubetest"
 	"github.com/meshid/meshid/internal/pgtest"
+
+	_ "modernc.org/sqlite" // the ledger's SQLite, read by the checks
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -33,6 +35,10 @@ var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 type params struct {
 	sdsWorkloads, apiWorkloads int
 	ttl                        time.Duration
+	// sqliteDir, when set, makes the world one meshid-ca on a SQLite
+	// ledger in that directory (a small filesystem of its own), instead of
+	// two replicas on PostgreSQL.
+	sqliteDir string
 }
 
 // world is meshid as deployed, with a fault point on every connection:
@@ -67,30 +73,32 @@ func newWorld(t *testing.T, p params) *world {
 	t.Helper()
 	w := &world{t: t, p: p}
 	w.kube = kubetest.Start(t)
-	w.dsn = pgtest.Database(t)
 	w.kube.ServiceAccount(t, "meshid-system", "meshid-ca")
 	w.front = newAPIFront(t, w.kube.Config)
-
-	pgHost := strings.SplitN(strings.SplitN(w.dsn, "@", 2)[1], "/", 2)[0]
-	w.pg = newLink(t, "ca-postgres", pgHost)
-	caDSN := strings.Replace(w.dsn, "@"+pgHost+"/", "@"+w.pg.Addr+"/", 1)
-
 	dir := t.TempDir()
-	dsnFile := filepath.Join(dir, "dsn")
-	if err := os.WriteFile(dsnFile, []byte(caDSN), 0o600); err != nil {
-		t.Fatal(err)
+	ledgerArgs := []string{"--ledger=sqlite", "--ledger-dsn=" + filepath.Join(p.sqliteDir, "ledger.db")}
+	if p.sqliteDir == "" {
+		w.dsn = pgtest.Database(t)
+		pgHost := strings.SplitN(strings.SplitN(w.dsn, "@", 2)[1], "/", 2)[0]
+		w.pg = newLink(t, "ca-postgres", pgHost)
+		caDSN := strings.Replace(w.dsn, "@"+pgHost+"/", "@"+w.pg.Addr+"/", 1)
+		dsnFile := filepath.Join(dir, "dsn")
+		if err := os.WriteFile(dsnFile, []byte(caDSN), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		ledgerArgs = []string{"--ledger=postgres", "--ledger-dsn-file=" + dsnFile}
 	}
 	common := []string{
 		"--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0", "--admin-addr=127.0.0.1:0", "--bundle-endpoint-addr=127.0.0.1:0",
 		"--log-format=json",
 		"--auth=kubernetes", "--kubeconfig=" + w.front.Kubeconfig, "--namespace=meshid-system",
-		"--ledger=postgres", "--ledger-dsn-file=" + dsnFile,
 		// Faults last longer than a cached token decision.
 		"--token-cache-ttl=5s", "--token-negative-cache-ttl=2s",
 	}
 	// A keeps the CA in a Secret (generating it); B is a plug-in CA
 	// (Istio's cacerts) of the same material, so that both sign under one
 	// root and B's files can be spoilt.
+	common = append(common, ledgerArgs...)
 	a := startProc(t, "ca-a", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-a", "--ca-source=secret", "--secret-name=meshid-ca")...)
 	waitReady(t, a, 60*time.Second)
 	sec, err := w.kube.Client.CoreV1().Secrets("meshid-system").Get(context.Background(), "meshid-ca", metav1.GetOptions{})
@@ -106,15 +114,24 @@ func newWorld(t *testing.T, p params) *world {
 		w.pluginFiles[f] = sec.Data[f]
 	}
 	w.writePlugin(w.pluginFiles)
-	b := startProc(t, "ca-b", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-b", "--ca-source=plugin", "--plugin-dir="+w.pluginDir, "--plugin-poll-interval=1s")...)
-	waitReady(t, b, 60*time.Second)
-	w.cas = []*proc{a, b}
+	w.cas = []*proc{a}
+	if p.sqliteDir == "" {
+		b := startProc(t, "ca-b", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-b", "--ca-source=plugin", "--plugin-dir="+w.pluginDir, "--plugin-poll-interval=1s")...)
+		waitReady(t, b, 60*time.Second)
+		w.cas = append(w.cas, b)
+	}
 	rootFile := filepath.Join(dir, "root-cert.pem")
 	if err := os.WriteFile(rootFile, sec.Data[keys.RootCertFile], 0o644); err != nil {
 		t.Fatal(err)
 	}
 
-	w.lb = newBalancer(t, func() []string { return []string{w.cas[0].Addr(), w.cas[1].Addr()} })
+	w.lb = newBalancer(t, func() []string {
+		var addrs []string
+		for _, c := range w.cas {
+			addrs = append(addrs, c.Addr())
+		}
+		return addrs
+	})
 	w.toCA = newLink(t, "agent-ca", w.lb.Addr)
 	w.socket = shortSocket(t)
 	w.agent = startProc(t, "agent", "meshid-agent", "meshid-agent started",
@@ -232,12 +249,18 @@ func (w *world) leader() *proc {
 // ledgerSerials is every serial the ledger holds.
 func (w *world) ledgerSerials() map[string]bool {
 	w.t.Helper()
-	db, err := sql.Open("pgx", w.dsn)
+	driver, dsn := "pgx", w.dsn
+	if w.p.sqliteDir != "" {
+		driver, dsn = "sqlite", filepath.Join(w.p.sqliteDir, "ledger.db")+"?_pragma=query_only(1)&_pragma=busy_timeout(10000)"
+	}
+	db, err := sql.Open(driver, dsn)
 	if err != nil {
 		w.t.Fatal(err)
 	}
 	defer db.Close()
-	rows, err := db.Query("SELECT serial FROM certificates")
+	// A SQLite ledger commits into recent and moves records into
+	// certificates in batches: both are the ledger.
+	rows, err := db.Query("SELECT serial FROM certificates UNION ALL SELECT serial FROM recent")
 	if err != nil {
 		w.t.Fatal(err)
 	}
