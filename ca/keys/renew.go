@@ -127,6 +127,7 @@ func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
 		if err := r.use(stored); err != nil {
 			return m, err
 		}
+		r.last = time.Now() // a renewal all the same: the gap counts from it
 		r.log().Info("intermediate renewed by another replica; using it", "ca_fingerprint", ca.Fingerprint(stored.CACert), "ca_not_after", stored.CACert.NotAfter.UTC())
 		return stored, nil
 	}
@@ -147,7 +148,7 @@ func (r *Renewer) Check(ctx context.Context, m *Material) (*Material, error) {
 
 // minRenewGap keeps Run from renewing again at once when a new
 // intermediate is itself due (a lifetime shorter than its backdating, as
-// tests use): one renewal a minute at most.
+// tests use): one renewal a minute at most, by any replica.
 const minRenewGap = time.Minute
 
 // maxRenewRetry bounds the backoff between failed renewals: an upstream
@@ -179,11 +180,20 @@ func (r *Renewer) Run(ctx context.Context, m *Material) {
 		if r.Follow > 0 {
 			if stored, err := r.Store.Load(ctx); err == nil && !stored.Equal(m) {
 				if err := r.use(stored); err == nil {
+					// Another replica's renewal counts towards the gap
+					// too: else replicas whose new intermediate is due at
+					// once would take turns renewing it, each as soon as
+					// it sees the other's.
+					r.last = time.Now()
 					r.log().Info("CA changed in the store (renewed or rotated elsewhere); using it", "ca_fingerprint", ca.Fingerprint(stored.CACert),
 						"root_rotation", stored.RotationStage())
 					m = stored
+					continue
 				}
 			}
+		}
+		if time.Now().Before(r.last.Add(minRenewGap)) {
+			continue // woken to follow the store, not to renew
 		}
 		next, err := r.Check(ctx, m)
 		if err != nil {

@@ -7,7 +7,9 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"errors"
+	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -155,4 +157,66 @@ func TestRenewerSecretReplicas(t *testing.T) {
 	if err != nil || !stored.CACert.Equal(gotA.CACert) {
 		t.Fatalf("the Secret holds another intermediate (%v)", err)
 	}
+}
+
+// memStore is a Store in memory, as a Secret is to replicas: Save refuses a
+// stale prev.
+type memStore struct {
+	mu sync.Mutex
+	m  *Material
+}
+
+func (s *memStore) Load(context.Context) (*Material, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m, nil
+}
+
+func (s *memStore) Save(_ context.Context, prev, m *Material) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !prev.Equal(s.m) {
+		return ErrStale
+	}
+	s.m = m
+	return nil
+}
+
+// Two replicas following one store, with an intermediate due as soon as it
+// is made (a lifetime shorter than three times its backdating): they renew
+// once a minute between them, not in turns each time one sees the other's
+// (which e2e/faults found: a renewal a second).
+func TestRenewerReplicasKeepTheGap(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m, err := Generate(Options{TrustDomain: "cluster.local", IntermediateTTL: 90 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !m.RenewAt().Before(time.Now()) {
+			t.Fatal("the intermediate is not due at once")
+		}
+		store := &memStore{m: m}
+		var mu sync.Mutex
+		renewals := 0
+		ctx, cancel := context.WithCancel(t.Context())
+		var wg sync.WaitGroup
+		for range 2 {
+			r := &Renewer{Store: store, Source: &Source{}, Algorithm: ECDSAP256, TTL: 90 * time.Second, Follow: time.Second,
+				Renewed: func(err error) {
+					mu.Lock()
+					defer mu.Unlock()
+					if err == nil {
+						renewals++
+					}
+				}}
+			wg.Add(1)
+			go func() { defer wg.Done(); r.Run(ctx, m) }()
+		}
+		time.Sleep(5*time.Minute + 30*time.Second)
+		cancel()
+		wg.Wait()
+		if renewals < 5 || renewals > 7 {
+			t.Errorf("%d renewals in 5.5 minutes, want one a minute", renewals)
+		}
+	})
 }
