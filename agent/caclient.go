@@ -90,6 +90,21 @@ func DialCA(addr string, roots func() []*x509.Certificate, serverName string, op
 	return conn, nil
 }
 
+// MaxClockBehind is how far this node's clock may be behind the CA's for
+// VerifyCA to take a serving certificate that is not valid yet by it: a
+// meshid-ca just restarted serves a new one, and a node minutes behind would
+// otherwise be locked out until its own clock caught up.
+const MaxClockBehind = 15 * time.Minute
+
+// verifyTime is when the CA's serving certificate is judged: now, or its
+// NotBefore if that is at most MaxClockBehind ahead.
+func verifyTime(leaf *x509.Certificate, now time.Time) time.Time {
+	if now.Before(leaf.NotBefore) && leaf.NotBefore.Sub(now) <= MaxClockBehind {
+		return leaf.NotBefore
+	}
+	return now
+}
+
 // VerifyCA checks the CA's serving chain, leaf first, as crypto/tls would
 // with roots as RootCAs and serverName as ServerName. Clients that must
 // follow a root rotation (DialCA, meshidctl) call it from
@@ -112,6 +127,7 @@ func VerifyCA(peer []*x509.Certificate, roots []*x509.Certificate, serverName st
 	_, err := peer[0].Verify(x509.VerifyOptions{
 		Roots:         rootPool,
 		Intermediates: inter,
+		CurrentTime:   verifyTime(peer[0], time.Now()),
 		DNSName:       serverName,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})

@@ -433,3 +433,34 @@ func TestDialCAFindsADeadConnection(t *testing.T) {
 		t.Errorf("answered %s after the partition healed, want at once on a new connection", took)
 	}
 }
+
+// A serving certificate minutes in this node's future (the node's clock
+// behind, the CA just restarted) is taken; one further off is not.
+func TestVerifyCAWithThisNodesClockBehind(t *testing.T) {
+	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local", Algorithm: keys.ECDSAP256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ahead time.Duration
+		ok    bool
+	}{{3 * time.Minute, true}, {MaxClockBehind - time.Minute, true}, {MaxClockBehind + time.Minute, false}} {
+		key, _ := NewKey(ECDSAP256)
+		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+			SerialNumber: big.NewInt(1),
+			NotBefore:    time.Now().Add(tc.ahead),
+			NotAfter:     time.Now().Add(tc.ahead + time.Hour),
+			DNSNames:     []string{"localhost"},
+			KeyUsage:     x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		}, m.CACert, key.Public(), m.CAKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf, _ := x509.ParseCertificate(der)
+		err = VerifyCA([]*x509.Certificate{leaf, m.CACert}, []*x509.Certificate{m.RootCert}, "localhost")
+		if (err == nil) != tc.ok {
+			t.Errorf("valid from %s ahead: VerifyCA = %v, want ok=%v", tc.ahead, err, tc.ok)
+		}
+	}
+}

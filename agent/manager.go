@@ -179,7 +179,10 @@ type Config struct {
 	// RequestTimeout bounds one CA request (default 10s).
 	RequestTimeout time.Duration
 	// Rand returns numbers in [0, 1) for jitter (default math/rand/v2).
-	Rand     func() float64
+	Rand func() float64
+	// Now is this node's clock (default time.Now). Renewal follows the
+	// CA's clock, learnt from its certificates when this one is behind.
+	Now      func() time.Time
 	Log      *slog.Logger
 	Observer Observer
 }
@@ -196,6 +199,7 @@ type Manager struct {
 	closed  bool
 	entries map[spiffeid.ID]*entry
 	wg      sync.WaitGroup
+	clock   *caClock
 }
 
 // NewManager checks cfg and fills in its defaults.
@@ -232,8 +236,13 @@ func NewManager(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	clock := &caClock{now: cfg.Now, log: cfg.Log}
+	clock.obs, _ = cfg.Observer.(ClockObserver)
 	ctx, stop := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, ctx: ctx, stop: stop, entries: map[spiffeid.ID]*entry{}}, nil
+	return &Manager{cfg: cfg, ctx: ctx, stop: stop, entries: map[spiffeid.ID]*entry{}, clock: clock}, nil
 }
 
 // ParseKeyType accepts "ecdsa-p256" (also the default for "") and "rsa-2048".
@@ -495,6 +504,7 @@ func (e *entry) tick() {
 	defer e.m.wg.Done()
 
 	cfg := &e.m.cfg
+	clock := e.m.clock
 	start := time.Now()
 	svid, err := e.fetch(e.ctx)
 	took := time.Since(start)
@@ -511,20 +521,22 @@ func (e *entry) tick() {
 		e.lastErr = nil
 		e.svid = svid
 		e.notify()
+		clock.learn(signedAfter(svid.NotBefore, svid.NotAfter, cfg.TTL), cfg.Now())
 		// Count the lifetime from when it arrived: the CA backdates
 		// NotBefore for clock skew, which must not pull renewal earlier.
+		sent := clock.Now().Add(-took)
 		from := svid.NotBefore
-		if start.After(from) {
-			from = start
+		if sent.After(from) {
+			from = sent
 		}
 		next = cfg.Rotation.RenewAt(from, svid.NotAfter, cfg.Rand())
-		if earliest := start.Add(cfg.Backoff.Initial); next.Before(earliest) {
+		if earliest := sent.Add(cfg.Backoff.Initial); next.Before(earliest) {
 			next = earliest // a CA answering with nearly expired certificates must not make us spin
 		}
 		if e.expiry != nil {
 			e.expiry.Stop()
 		}
-		e.expiry = time.AfterFunc(time.Until(svid.NotAfter), func() { e.drop(svid) })
+		e.expiry = time.AfterFunc(clock.Until(svid.NotAfter), func() { e.drop(svid) })
 		cfg.Log.Info("certificate received", "spiffe_id", e.id.String(), "serial", fmt.Sprintf("%x", svid.Serial),
 			"not_after", svid.NotAfter.UTC(), "renew_at", next.UTC(), "took", took)
 		if cfg.Observer != nil {
@@ -536,12 +548,12 @@ func (e *entry) tick() {
 			// Backoff alone may wait past the held certificate's expiry
 			// though the CA is back well before it: never wait more than a
 			// quarter of what is left, so the retries close in on it.
-			if left := time.Until(e.svid.NotAfter); left > 0 {
+			if left := clock.Until(e.svid.NotAfter); left > 0 {
 				delay = min(delay, max(cfg.Backoff.Initial/2, left/4))
 			}
 		}
 		e.attempt++
-		next = time.Now().Add(delay)
+		next = clock.Now().Add(delay)
 		e.lastErr = err
 		cfg.Log.Warn("certificate request failed; retrying", "spiffe_id", e.id.String(), "error", err, "attempt", e.attempt, "retry_in", delay)
 		if cfg.Observer != nil {
@@ -550,9 +562,9 @@ func (e *entry) tick() {
 	}
 	if e.again {
 		e.again = false
-		next = time.Now()
+		next = clock.Now()
 	}
-	e.timer.Reset(max(time.Until(next), 0))
+	e.timer.Reset(max(clock.Until(next), 0))
 }
 
 // drop stops serving svid once it has expired, unless it was replaced.
@@ -573,7 +585,7 @@ func (e *entry) drop(svid *SVID) {
 // cannot starve the renewals of the others that share its identity.
 func (e *entry) fetch(ctx context.Context) (*SVID, error) {
 	cfg := &e.m.cfg
-	tokens := e.liveTokens(time.Now())
+	tokens := e.liveTokens(cfg.Now())
 	if len(tokens) == 0 {
 		return nil, errors.New("agent: no live holder has a token")
 	}
@@ -684,7 +696,12 @@ func checkChain(id spiffeid.ID, key crypto.Signer, chain []*x509.Certificate) er
 	for _, c := range chain[1 : len(chain)-1] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	// At the middle of its life, not by this node's clock: a node whose
+	// clock is behind the CA's by more than its backdating would find every
+	// certificate not yet valid and refuse them all (the suite of e2e/faults
+	// found this). Validity is the CA's to give; the chain is checked here.
+	mid := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: mid, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return fmt.Errorf("agent: CA's chain does not verify: %w", err)
 	}
 	return nil

@@ -396,3 +396,96 @@ func TestManagerRetriesBeforeExpiry(t *testing.T) {
 		}
 	})
 }
+
+// A node clock minutes off the CA's: certificates are taken, renewed at half
+// their life and dropped at their end, all in the CA's time.
+func TestManagerFollowsTheCAsClock(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		skew      time.Duration // node clock minus CA clock
+		renewedIn time.Duration // after the first certificate
+		behind    time.Duration // learnt
+	}{
+		// Behind by more than the CA backdates NotBefore (1 minute): every
+		// certificate looks not yet valid by the node's clock.
+		{name: "behind", skew: -3 * time.Minute, renewedIn: 30 * time.Minute, behind: 3 * time.Minute},
+		// Ahead: what is left looks 3 minutes shorter; renewed early.
+		{name: "ahead", skew: 3 * time.Minute, renewedIn: 28*time.Minute + 30*time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				c := catest.New(t)
+				obs := &clockObserver{}
+				m, err := NewManager(Config{
+					Signer:   c,
+					TTL:      time.Hour,
+					Rand:     func() float64 { return 0.5 },
+					Now:      func() time.Time { return time.Now().Add(tc.skew) },
+					Observer: obs,
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(m.Close)
+				h, _ := holdWeb(t, m)
+				if got := obs.last(); got != tc.behind {
+					t.Errorf("clock behind the CA's by %s, want %s", got, tc.behind)
+				}
+				start := time.Now()
+				<-h.Changed()
+				if took := time.Since(start); took != tc.renewedIn {
+					t.Errorf("renewed after %s, want %s", took, tc.renewedIn)
+				}
+				// The CA gone: the certificate is served to its end by the
+				// CA's clock (a node behind would serve it 3 minutes past).
+				c.SetDown(true)
+				second := h.SVID()
+				time.Sleep(time.Until(second.Leaf().NotAfter))
+				synctest.Wait()
+				if tc.skew < 0 && h.SVID() != nil {
+					t.Error("a certificate expired by the CA's clock is still served")
+				}
+			})
+		})
+	}
+}
+
+type clockObserver struct {
+	mu     sync.Mutex
+	behind time.Duration
+}
+
+func (o *clockObserver) Issued(spiffeid.ID, *SVID, time.Duration) {}
+func (o *clockObserver) Failed(spiffeid.ID, error, time.Duration) {}
+func (o *clockObserver) ClockBehind(d time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.behind = d
+}
+
+func (o *clockObserver) last() time.Duration {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.behind
+}
+
+// A chain signed by a CA whose clock is ahead of this node's (here: signed
+// now, checked in a synctest bubble, whose clock reads 2000) is not refused
+// for looking not yet valid: validity is judged by the CA's clock.
+func TestCheckSVIDIgnoresThisNodesClock(t *testing.T) {
+	c := catest.New(t)
+	key, _ := NewKey(ECDSAP256)
+	csrPEM, _ := NewCSR(key, web)
+	chain, err := c.Sign(context.Background(), csrPEM, web.String(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	synctest.Test(t, func(t *testing.T) {
+		if !time.Now().Before(chain[0].NotBefore) {
+			t.Fatal("the bubble's clock is not behind the CA's")
+		}
+		if _, err := new(sharedCerts).svid(web, key, chain); err != nil {
+			t.Errorf("a good chain refused by a node whose clock is behind: %v", err)
+		}
+	})
+}

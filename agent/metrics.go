@@ -17,6 +17,7 @@ type Metrics struct {
 	failures *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
 	failing  prometheus.Gauge
+	behind   prometheus.Gauge
 
 	mu         sync.Mutex
 	failingIDs map[spiffeid.ID]struct{}
@@ -49,9 +50,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "meshid_agent_identities_failing",
 			Help: "Identities whose last certificate request failed.",
 		}),
+		behind: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meshid_agent_clock_behind_ca_seconds",
+			Help: "How far this node's clock is behind the CA's at least, as the last certificate proved (0: not behind); renewals follow the CA's clock.",
+		}),
 		failingIDs: map[spiffeid.ID]struct{}{},
 	}
-	reg.MustRegister(m.expiry, m.issued, m.failures, m.latency, m.failing)
+	reg.MustRegister(m.expiry, m.issued, m.failures, m.latency, m.failing, m.behind)
 	return m
 }
 
@@ -69,6 +74,9 @@ func (m *Metrics) Failed(id spiffeid.ID, err error, took time.Duration) {
 	m.latency.WithLabelValues("error").Observe(took.Seconds())
 	m.setFailing(id, true)
 }
+
+// ClockBehind records how far behind the CA's clock this node's is.
+func (m *Metrics) ClockBehind(d time.Duration) { m.behind.Set(d.Seconds()) }
 
 // Forget drops the series of an identity no longer held.
 func (m *Metrics) Forget(id spiffeid.ID) {

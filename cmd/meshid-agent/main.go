@@ -108,6 +108,7 @@ func run(ctx context.Context, o *options) error {
 		RequestTimeout: o.requestTimeout,
 		Log:            log,
 		Observer:       metrics,
+		Now:            o.clock(ctx),
 	})
 	if err != nil {
 		return err

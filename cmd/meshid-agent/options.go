@@ -55,6 +55,8 @@ type options struct {
 	profiling      bool
 	gcPercent      int
 
+	testClockSkewFile string // meshid_testclock builds only
+
 	// Filled in by complete.
 	td    spiffeid.TrustDomain
 	id    spiffeid.ID
@@ -63,6 +65,7 @@ type options struct {
 }
 
 func (o *options) addFlags(fs *pflag.FlagSet) {
+	addTestClockFlags(fs, o)
 	fs.StringVar(&o.mode, "mode", modePod, "pod: serve one workload's identity (--namespace, --service-account, --token-file); node: serve every proxy on the node, each stream the identity its own token proves")
 	fs.StringVar(&o.auth, "auth", "tokenreview", "node mode: how stream tokens are checked: tokenreview (ask the API server) or jwks (offline, --jwks-file and --token-issuer)")
 	fs.StringSliceVar(&o.audiences, "audiences", []string{"istio-ca"}, "node mode: audiences a stream token must carry")
