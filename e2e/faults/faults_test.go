@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,7 +32,9 @@ func buildAndRun(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-agent")
+	// The agent with the test clock (cmd/meshid-agent/testclock.go), so that
+	// a fault can set it off the CA's.
+	cmd := exec.Command("go", "build", "-tags", "meshid_testclock", "-o", dir+"/", "github.com/meshid/meshid/cmd/meshid-ca", "github.com/meshid/meshid/cmd/meshid-agent", "github.com/meshid/meshid/cmd/meshidctl")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "faults: building the binaries:", err)
@@ -50,6 +54,12 @@ type fault struct {
 	// refusable says the valid probe may be refused while the fault holds
 	// (false: issuance must go on).
 	refusable bool
+	// hold, if set, is how long this fault holds instead of the suite's.
+	hold time.Duration
+	// prepare, if set, runs before the fault (waiting for its moment);
+	// after, once the world has recovered, checks what is the fault's own.
+	prepare func(w *world)
+	after   func(w *world, r *result)
 }
 
 // result is one fault's row in the table.
@@ -146,6 +156,33 @@ func faults(hold time.Duration) []fault {
 			},
 		},
 		{
+			// Scaled as the lifetimes are: 40 s of a 60 s certificate is
+			// more than 30 minutes of an hour's. Held for half a lifetime,
+			// so that every workload renews under it.
+			name: "meshid-agent's clock 40 s behind the CA's",
+			inject: func(w *world) func() {
+				w.setAgentClock(-40 * time.Second)
+				return func() { w.setAgentClock(0) }
+			},
+			during: func(w *world, r *result) {
+				// Learnt from the certificates renewed meanwhile.
+				behind := w.agent.metric("meshid_agent_clock_behind_ca_seconds")
+				r.note("the agent found its clock %.1f s behind", behind)
+				if behind < 35 || behind > 45 {
+					w.t.Errorf("meshid_agent_clock_behind_ca_seconds = %v, want about 40", behind)
+				}
+			},
+			hold: 30 * time.Second,
+		},
+		{
+			name: "meshid-agent's clock 20 s ahead of the CA's",
+			inject: func(w *world) func() {
+				w.setAgentClock(20 * time.Second)
+				return func() { w.setAgentClock(0) }
+			},
+			hold: 30 * time.Second,
+		},
+		{
 			name: "partition: meshid-agent ↔ meshid-ca",
 			inject: func(w *world) func() {
 				w.toCA.Partition(w.t)
@@ -203,6 +240,7 @@ func TestFaults(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts kube-apiserver, PostgreSQL and meshid processes")
 	}
+	t.Parallel() // beside TestFaultsCAChanges and TestFaultsSQLite: each mostly waits
 	w := newWorld(t, params{sdsWorkloads: 24, apiWorkloads: 8, ttl: ttl})
 	w.waitAllHold(60 * time.Second)
 	t.Logf("%d workloads hold certificates (%s lifetime); each fault holds %s", len(w.workloads), ttl, hold)
@@ -222,6 +260,12 @@ func TestFaults(t *testing.T) {
 func (w *world) run(f fault, hold time.Duration) *result {
 	t := w.t
 	r := &result{fault: f.name, refused: map[codes.Code]int{}}
+	if f.hold > 0 {
+		hold = f.hold
+	}
+	if f.prepare != nil {
+		f.prepare(w)
+	}
 	lapsesBefore, wrongBefore := w.lapsesAndWrong()
 	begin := time.Now()
 	heal := f.inject(w)
@@ -267,6 +311,9 @@ func (w *world) run(f fault, hold time.Duration) *result {
 		time.Sleep(100 * time.Millisecond) // poll interval
 	}
 
+	if f.after != nil {
+		f.after(w, r)
+	}
 	for _, a := range w.probe.since(begin) {
 		switch {
 		case a.junk && a.code == codes.OK:
@@ -396,6 +443,23 @@ func report(t *testing.T, w *world, results []*result) {
 	fmt.Fprintf(&b, "\n%d workloads received %d certificates in all; %d of those and the probe's missing from the ledger.\n", len(w.workloads), issued, lost)
 	t.Log("\n" + b.String())
 	if f := os.Getenv("MESHID_FAULTS_REPORT"); f != "" {
-		os.WriteFile(f, []byte(b.String()), 0o644)
+		// Each test of the run appends its own table.
+		reportMu.Lock()
+		defer reportMu.Unlock()
+		if reportFresh.CompareAndSwap(false, true) {
+			os.Remove(f)
+		}
+		out, err := os.OpenFile(f, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			t.Errorf("MESHID_FAULTS_REPORT: %v", err)
+			return
+		}
+		defer out.Close()
+		fmt.Fprintf(out, "### %s\n\n%s\n", t.Name(), b.String())
 	}
 }
+
+var (
+	reportMu    sync.Mutex
+	reportFresh atomic.Bool // the report file was emptied by this run
+)

@@ -11,10 +11,12 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -44,8 +46,11 @@ type apiFront struct {
 	errStatus atomic.Int32 // answered instead of forwarding, to errShare of requests
 	errShare  atomic.Uint32
 	n         atomic.Uint64
-	Forwarded atomic.Uint64
-	Failed    atomic.Uint64 // answered with errStatus
+	held      atomic.Pointer[heldWrites]
+	// HeldWrites counts writes whose answers were held back.
+	HeldWrites atomic.Uint64
+	Forwarded  atomic.Uint64
+	Failed     atomic.Uint64 // answered with errStatus
 }
 
 func newAPIFront(t *testing.T, upstream *rest.Config) *apiFront {
@@ -134,7 +139,41 @@ func (f *apiFront) handle(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	f.Forwarded.Add(1)
+	if h := f.held.Load(); h != nil && r.Method == http.MethodPut && strings.Contains(r.URL.Path, h.path) {
+		// The write reaches the API server; its writer hears of it only
+		// after h.delay (and not at all if it dies meanwhile).
+		rec := httptest.NewRecorder()
+		f.proxy.ServeHTTP(rec, r)
+		f.HeldWrites.Add(1)
+		select {
+		case <-time.After(h.delay):
+		case <-r.Context().Done():
+			return
+		}
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.Code)
+		w.Write(rec.Body.Bytes())
+		return
+	}
 	f.proxy.ServeHTTP(w, r)
+}
+
+// heldWrites is HoldWrites's setting.
+type heldWrites struct {
+	path  string
+	delay time.Duration
+}
+
+// HoldWrites forwards every PUT to a path containing path at once, but
+// holds its answer back for delay (0: no more).
+func (f *apiFront) HoldWrites(path string, delay time.Duration) {
+	if delay <= 0 {
+		f.held.Store(nil)
+		return
+	}
+	f.held.Store(&heldWrites{path: path, delay: delay})
 }
 
 // Down closes every connection and stops accepting: clients see the API

@@ -29,12 +29,13 @@ type proc struct {
 	// ready says which log line means "serving" and carries the addresses.
 	readyMsg string
 
-	mu       sync.Mutex
-	cmd      *exec.Cmd
-	exited   chan struct{}
-	log      *logBuffer
-	GRPCAddr string
-	HTTPAddr string
+	mu        sync.Mutex
+	cmd       *exec.Cmd
+	exited    chan struct{}
+	log       *logBuffer
+	GRPCAddr  string
+	HTTPAddr  string
+	AdminAddr string // meshid-ca's, when it serves one
 }
 
 func startProc(t *testing.T, name, bin, readyMsg string, args ...string) *proc {
@@ -57,7 +58,7 @@ func (p *proc) start(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs := make(chan [2]string, 1)
+	addrs := make(chan [3]string, 1)
 	exited := make(chan struct{})
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -69,13 +70,14 @@ func (p *proc) start(t *testing.T) {
 			line := sc.Bytes()
 			p.log.write(line)
 			var rec struct {
-				Msg      string `json:"msg"`
-				GRPCAddr string `json:"grpc_addr"`
-				HTTPAddr string `json:"http_addr"`
+				Msg       string `json:"msg"`
+				GRPCAddr  string `json:"grpc_addr"`
+				HTTPAddr  string `json:"http_addr"`
+				AdminAddr string `json:"admin_addr"`
 			}
 			if json.Unmarshal(line, &rec) == nil && rec.Msg == p.readyMsg {
 				select {
-				case addrs <- [2]string{rec.GRPCAddr, rec.HTTPAddr}:
+				case addrs <- [3]string{rec.GRPCAddr, rec.HTTPAddr, rec.AdminAddr}:
 				default:
 				}
 			}
@@ -87,7 +89,7 @@ func (p *proc) start(t *testing.T) {
 	select {
 	case a := <-addrs:
 		p.mu.Lock()
-		p.cmd, p.exited, p.GRPCAddr, p.HTTPAddr = cmd, exited, a[0], a[1]
+		p.cmd, p.exited, p.GRPCAddr, p.HTTPAddr, p.AdminAddr = cmd, exited, a[0], a[1], a[2]
 		p.mu.Unlock()
 	case <-exited:
 		t.Fatalf("%s exited before serving: %v\n%s", p.name, cmd.ProcessState, p.log.tail(40))
@@ -101,7 +103,7 @@ func (p *proc) start(t *testing.T) {
 func (p *proc) Kill() {
 	p.mu.Lock()
 	cmd, exited := p.cmd, p.exited
-	p.GRPCAddr, p.HTTPAddr = "", ""
+	p.GRPCAddr, p.HTTPAddr, p.AdminAddr = "", "", ""
 	p.mu.Unlock()
 	cmd.Process.Kill()
 	<-exited
@@ -136,6 +138,13 @@ func (p *proc) Addr() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.GRPCAddr
+}
+
+// Admin is the admin API's address, "" while the process is down.
+func (p *proc) Admin() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.AdminAddr
 }
 
 // PID is the process's id, 0 while it is down.

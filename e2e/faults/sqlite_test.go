@@ -20,6 +20,7 @@ func TestFaultsSQLite(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("mounting the ledger's small filesystem needs root (hack/test.sh runs as root for the cluster test)")
 	}
+	t.Parallel()
 	dir := t.TempDir()
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "meshid-faults", dir).CombinedOutput(); err != nil {
 		t.Fatalf("mount tmpfs: %v: %s", err, out)

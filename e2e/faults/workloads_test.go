@@ -28,10 +28,11 @@ type workload struct {
 	kind  string // "sds" or "workload-api"
 	id    spiffeid.ID
 	token string
-	roots *x509.CertPool // the mesh's root: every chain must verify to it
+	trust func() *x509.CertPool // the mesh's roots now: every chain must verify to one
 
 	mu      sync.Mutex
 	current *x509.Certificate
+	chain   []*x509.Certificate // current's, as received
 	serials []string
 	wrongID []string // certificates naming another identity, or not verifying
 	lapsed  map[string]time.Time
@@ -52,10 +53,10 @@ func (w *workload) receive(chain []*x509.Certificate) {
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := cert.Verify(x509.VerifyOptions{Roots: w.roots, Intermediates: inter, CurrentTime: cert.NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: w.trust(), Intermediates: inter, CurrentTime: cert.NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		w.wrongID = append(w.wrongID, fmt.Sprintf("%s: serial %s does not verify to the mesh root: %v", w.id, serial, err))
 	}
-	w.current = cert
+	w.current, w.chain = cert, chain
 	w.serials = append(w.serials, serial)
 }
 
@@ -73,6 +74,13 @@ func (w *workload) check(now time.Time) {
 	if _, seen := w.lapsed[serial]; !seen {
 		w.lapsed[serial] = now
 	}
+}
+
+// currentChain is the chain of the certificate held, nil if none.
+func (w *workload) currentChain() []*x509.Certificate {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.chain
 }
 
 func (w *workload) snapshot() (serials []string, wrong []string, lapses int, current *x509.Certificate) {

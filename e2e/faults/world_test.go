@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +40,11 @@ type params struct {
 	// ledger in that directory (a small filesystem of its own), instead of
 	// two replicas on PostgreSQL.
 	sqliteDir string
+	// caChanges makes both replicas keep the CA in the Secret, with an
+	// intermediate of intermediateTTL and the admin API on, so that the
+	// intermediate is renewed and the root rotated under load.
+	caChanges       bool
+	intermediateTTL time.Duration
 }
 
 // world is meshid as deployed, with a fault point on every connection:
@@ -58,7 +64,14 @@ type world struct {
 	toCA   *link // agent ↔ CA
 	agent  *proc
 	socket string
-	roots  []*x509.Certificate
+	trust  atomic.Pointer[trust] // the bundle workloads and clients trust now
+	// rootFile is the trust bundle the agent (and meshidctl) read, kept as
+	// the bundle ConfigMap is, as a kubelet keeps a mounted one.
+	rootFile string
+	dir      string
+
+	clockFile  string // the agent's clock skew (a test build's flag)
+	adminToken string // a file: ops/admin's token, for meshidctl
 
 	pluginDir   string            // ca-b's cacerts
 	pluginFiles map[string][]byte // their good contents
@@ -69,6 +82,28 @@ type world struct {
 	checker   sync.WaitGroup
 }
 
+// trust is a trust bundle, parsed and pooled.
+type trust struct {
+	pem   []byte
+	roots []*x509.Certificate
+	pool  *x509.CertPool
+}
+
+func newTrust(pem []byte) (*trust, error) {
+	roots, err := ca.ParseCertificatesPEM(pem)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	return &trust{pem: pem, roots: roots, pool: pool}, nil
+}
+
+func (w *world) roots() []*x509.Certificate { return w.trust.Load().roots }
+func (w *world) pool() *x509.CertPool       { return w.trust.Load().pool }
+
 func newWorld(t *testing.T, p params) *world {
 	t.Helper()
 	w := &world{t: t, p: p}
@@ -76,6 +111,7 @@ func newWorld(t *testing.T, p params) *world {
 	w.kube.ServiceAccount(t, "meshid-system", "meshid-ca")
 	w.front = newAPIFront(t, w.kube.Config)
 	dir := t.TempDir()
+	w.dir = dir
 	ledgerArgs := []string{"--ledger=sqlite", "--ledger-dsn=" + filepath.Join(p.sqliteDir, "ledger.db")}
 	if p.sqliteDir == "" {
 		w.dsn = pgtest.Database(t)
@@ -99,15 +135,22 @@ func newWorld(t *testing.T, p params) *world {
 	// (Istio's cacerts) of the same material, so that both sign under one
 	// root and B's files can be spoilt.
 	common = append(common, ledgerArgs...)
+	if p.caChanges {
+		w.kube.ServiceAccount(t, "ops", "admin")
+		common = append(common, "--intermediate-ttl="+p.intermediateTTL.String(), "--ca-sync-interval=1s", "--root-propagation=5s",
+			"--admin-service-accounts=ops/admin")
+	}
 	a := startProc(t, "ca-a", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-a", "--ca-source=secret", "--secret-name=meshid-ca")...)
 	waitReady(t, a, 60*time.Second)
 	sec, err := w.kube.Client.CoreV1().Secrets("meshid-system").Get(context.Background(), "meshid-ca", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if w.roots, err = ca.ParseCertificatesPEM(sec.Data[keys.RootCertFile]); err != nil {
+	first, err := newTrust(sec.Data[keys.RootCertFile])
+	if err != nil {
 		t.Fatal(err)
 	}
+	w.trust.Store(first)
 	w.pluginDir = filepath.Join(dir, "cacerts")
 	w.pluginFiles = map[string][]byte{}
 	for _, f := range []string{keys.CACertFile, keys.CAKeyFile, keys.CertChainFile, keys.RootCertFile} {
@@ -115,13 +158,18 @@ func newWorld(t *testing.T, p params) *world {
 	}
 	w.writePlugin(w.pluginFiles)
 	w.cas = []*proc{a}
-	if p.sqliteDir == "" {
+	switch {
+	case p.caChanges:
+		b := startProc(t, "ca-b", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-b", "--ca-source=secret", "--secret-name=meshid-ca")...)
+		waitReady(t, b, 60*time.Second)
+		w.cas = append(w.cas, b)
+	case p.sqliteDir == "":
 		b := startProc(t, "ca-b", "meshid-ca", "meshid-ca serving", append(common, "--pod-name=ca-b", "--ca-source=plugin", "--plugin-dir="+w.pluginDir, "--plugin-poll-interval=1s")...)
 		waitReady(t, b, 60*time.Second)
 		w.cas = append(w.cas, b)
 	}
-	rootFile := filepath.Join(dir, "root-cert.pem")
-	if err := os.WriteFile(rootFile, sec.Data[keys.RootCertFile], 0o644); err != nil {
+	w.rootFile = filepath.Join(dir, "root-cert.pem")
+	if err := os.WriteFile(w.rootFile, sec.Data[keys.RootCertFile], 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -134,15 +182,13 @@ func newWorld(t *testing.T, p params) *world {
 	})
 	w.toCA = newLink(t, "agent-ca", w.lb.Addr)
 	w.socket = shortSocket(t)
-	w.agent = startProc(t, "agent", "meshid-agent", "meshid-agent started",
+	w.clockFile = filepath.Join(dir, "agent-clock-skew")
+	w.setAgentClock(0)
+	w.agent = startProc(t, "agent", "meshid-agent", "meshid-agent started", "--test-clock-skew-file="+w.clockFile,
 		"--mode=node", "--auth=tokenreview", "--kubeconfig="+w.front.Kubeconfig,
-		"--ca-addr="+w.toCA.Addr, "--ca-server-name=localhost", "--ca-root-file="+rootFile,
+		"--ca-addr="+w.toCA.Addr, "--ca-server-name=localhost", "--ca-root-file="+w.rootFile,
 		"--sds-socket="+w.socket, "--http-addr=127.0.0.1:0", "--cert-ttl="+p.ttl.String(), "--log-format=json")
 
-	pool := x509.NewCertPool()
-	for _, r := range w.roots {
-		pool.AddCert(r)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.stop = cancel
 	t.Cleanup(func() { cancel(); w.checker.Wait() })
@@ -153,7 +199,7 @@ func newWorld(t *testing.T, p params) *world {
 		}
 		sa := fmt.Sprintf("%s-%d", strings.ReplaceAll(kind, "-", ""), i)
 		w.kube.ServiceAccount(t, "apps", sa)
-		wl := &workload{kind: kind, id: spiffeid.RequireFromPath(td, "/ns/apps/sa/"+sa), token: w.kube.Token(t, "apps", sa, "istio-ca"), roots: pool}
+		wl := &workload{kind: kind, id: spiffeid.RequireFromPath(td, "/ns/apps/sa/"+sa), token: w.kube.Token(t, "apps", sa, "istio-ca"), trust: w.pool}
 		w.workloads = append(w.workloads, wl)
 		w.checker.Add(1)
 		go func() {
@@ -167,8 +213,9 @@ func newWorld(t *testing.T, p params) *world {
 	}
 	w.kube.ServiceAccount(t, "apps", "probe")
 	w.probe = newProber(t, w, w.kube.Token(t, "apps", "probe", "istio-ca"))
-	w.checker.Add(2)
+	w.checker.Add(3)
 	go func() { defer w.checker.Done(); w.probe.run(ctx) }()
+	go func() { defer w.checker.Done(); w.followBundle(ctx) }()
 	go func() {
 		defer w.checker.Done()
 		tick := time.NewTicker(100 * time.Millisecond)
@@ -203,6 +250,54 @@ func (w *world) writePlugin(files map[string][]byte) {
 			w.t.Fatal(err)
 		}
 	}
+}
+
+// followBundle keeps rootFile and the trust of workloads and clients as
+// the leader keeps the bundle ConfigMap of the workloads' namespace.
+func (w *world) followBundle(ctx context.Context) {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		cm, err := w.kube.Client.CoreV1().ConfigMaps("apps").Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+		if err != nil {
+			continue
+		}
+		pem := []byte(cm.Data[keys.RootCertFile])
+		if string(pem) == string(w.trust.Load().pem) {
+			continue
+		}
+		next, err := newTrust(pem)
+		if err != nil {
+			continue
+		}
+		// Trusted here before the agent reads it: what it then receives
+		// is checked against the bundle it could have.
+		w.trust.Store(next)
+		tmp := w.rootFile + ".tmp"
+		if os.WriteFile(tmp, pem, 0o644) == nil {
+			os.Rename(tmp, w.rootFile)
+		}
+	}
+}
+
+// setAgentClock sets the agent's clock skew off the real clock (and the
+// CA's); the agent reads it within 200 ms, and the workloads' checks go on
+// by the real clock, as peers' would.
+func (w *world) setAgentClock(skew time.Duration) {
+	w.t.Helper()
+	tmp := w.clockFile + ".tmp"
+	if err := os.WriteFile(tmp, []byte(skew.String()), 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, w.clockFile); err != nil {
+		w.t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond) // two of the agent's reads
 }
 
 // waitAllHold waits until every workload holds a certificate.
@@ -312,7 +407,7 @@ type answer struct {
 
 func newProber(t *testing.T, w *world, token string) *prober {
 	t.Helper()
-	conn, err := agent.DialCA(w.lb.Addr, func() []*x509.Certificate { return w.roots }, "localhost")
+	conn, err := agent.DialCA(w.lb.Addr, w.roots, "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
