@@ -85,7 +85,8 @@ func (r *result) note(format string, args ...any) {
 // faults are the short suite's, each held for hold (a fraction of the
 // certificate lifetime, so that every fault is shorter than half a
 // lifetime and no workload may lapse).
-func faults(hold time.Duration) []fault {
+func faults(ttl, hold time.Duration) []fault {
+	behind, ahead := ttl*2/3, ttl/3
 	return []fault{
 		{
 			name: "kube-apiserver down (longer than a cached token decision)",
@@ -156,31 +157,31 @@ func faults(hold time.Duration) []fault {
 			},
 		},
 		{
-			// Scaled as the lifetimes are: 40 s of a 60 s certificate is
-			// more than 30 minutes of an hour's. Held for half a lifetime,
-			// so that every workload renews under it.
-			name: "meshid-agent's clock 40 s behind the CA's",
+			// Scaled as the lifetimes are: two thirds of a lifetime (40 s
+			// of 60 s) is 40 minutes of an hour's certificate. Held for
+			// half a lifetime, so that every workload renews under it.
+			name: fmt.Sprintf("meshid-agent's clock %s behind the CA's", behind),
 			inject: func(w *world) func() {
-				w.setAgentClock(-40 * time.Second)
+				w.setAgentClock(-behind)
 				return func() { w.setAgentClock(0) }
 			},
 			during: func(w *world, r *result) {
 				// Learnt from the certificates renewed meanwhile.
-				behind := w.agent.metric("meshid_agent_clock_behind_ca_seconds")
-				r.note("the agent found its clock %.1f s behind", behind)
-				if behind < 35 || behind > 45 {
-					w.t.Errorf("meshid_agent_clock_behind_ca_seconds = %v, want about 40", behind)
+				got := w.agent.metric("meshid_agent_clock_behind_ca_seconds")
+				r.note("the agent found its clock %.1f s behind", got)
+				if want := behind.Seconds(); got < want-5 || got > want+5 {
+					w.t.Errorf("meshid_agent_clock_behind_ca_seconds = %v, want about %v", got, want)
 				}
 			},
-			hold: 30 * time.Second,
+			hold: ttl / 2,
 		},
 		{
-			name: "meshid-agent's clock 20 s ahead of the CA's",
+			name: fmt.Sprintf("meshid-agent's clock %s ahead of the CA's", ahead),
 			inject: func(w *world) func() {
-				w.setAgentClock(20 * time.Second)
+				w.setAgentClock(ahead)
 				return func() { w.setAgentClock(0) }
 			},
-			hold: 30 * time.Second,
+			hold: ttl / 2,
 		},
 		{
 			name: "partition: meshid-agent ↔ meshid-ca",
@@ -246,7 +247,7 @@ func TestFaults(t *testing.T) {
 	t.Logf("%d workloads hold certificates (%s lifetime); each fault holds %s", len(w.workloads), ttl, hold)
 
 	var results []*result
-	for _, f := range faults(hold) {
+	for _, f := range faults(ttl, hold) {
 		results = append(results, w.run(f, hold))
 		if t.Failed() {
 			break

@@ -43,7 +43,7 @@ func TestSoak(t *testing.T) {
 		}
 		samples = append(samples, s)
 	}
-	fs := faults(ttl / 4)
+	fs := faults(ttl, ttl/4)
 	var results []*result
 	minRotations := func() int {
 		least := -1
