@@ -38,6 +38,7 @@ import (
 	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/multicluster"
 	"github.com/meshid/meshid/ca/nodeauth"
+	"github.com/meshid/meshid/ca/peers"
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubeconfig"
@@ -426,6 +427,19 @@ func run(ctx context.Context, o *options) error {
 		bundleServer := distribute.NewEndpointServer(handler, svid.GetCertificate)
 		go func() { errc <- bundleServer.ServeTLS(lis, "", "") }()
 		defer bundleServer.Close()
+	}
+
+	if len(o.peers) > 0 {
+		cfg := peers.Config{Peers: o.peers, Log: log.With("component", "federation"), Registerer: reg}
+		if kube != nil && o.federationConfigMap != "" {
+			cfg.Store = &peers.ConfigMapStore{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.federationConfigMap}
+		}
+		set, err := peers.NewSet(cfg)
+		if err != nil {
+			return err
+		}
+		go set.Run(ctx)
+		log.Info("federating", "trust_domains", len(o.peers), "stored_in", o.federationConfigMap)
 	}
 
 	switch {

@@ -20,6 +20,7 @@ import (
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/nodeauth"
+	"github.com/meshid/meshid/ca/peers"
 	"github.com/meshid/meshid/ca/server"
 )
 
@@ -46,21 +47,25 @@ type options struct {
 	dnsNames    []string
 	servingTTL  time.Duration
 
-	caSource        string
-	stateDir        string
-	namespace       string
-	secretName      string
-	pluginDir       string
-	caStore         string
-	caKeyURI        string
-	stepURL         string
-	stepRootFile    string
-	stepRoots       []*x509.Certificate
-	stepProvisioner string
-	stepPassword    []byte
-	stepPassFile    string
-	pluginPoll      time.Duration
-	keyType         string
+	caSource            string
+	stateDir            string
+	namespace           string
+	secretName          string
+	pluginDir           string
+	caStore             string
+	caKeyURI            string
+	stepURL             string
+	stepRootFile        string
+	stepRoots           []*x509.Certificate
+	stepProvisioner     string
+	stepPassword        []byte
+	stepPassFile        string
+	pluginPoll          time.Duration
+	keyType             string
+	federationFile      string
+	federationConfigMap string
+	peers               []peers.Peer // from federationFile, by complete
+
 	rootTTL         time.Duration
 	intermediateTTL time.Duration
 
@@ -196,6 +201,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.leaderLease, "leader-election-lease", "meshid-ca-leader", "Lease in --namespace through which one replica is elected for singleton work (the trust-bundle ConfigMaps)")
 	fs.StringVar(&o.bundleAddr, "bundle-endpoint-addr", ":8443", "address of the SPIFFE bundle endpoint (HTTPS, SPIFFE authentication) other trust domains federate with; empty disables")
 	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
+	fs.StringVar(&o.federationFile, "federation-file", "", "YAML file of the trust domains to federate with, each's bundle fetched from its SPIFFE bundle endpoint and kept fresh (federatesWith: a list in the shape of SPIRE's ClusterFederatedTrustDomain spec: trustDomain, bundleEndpointURL, bundleEndpointProfile {type: https_web|https_spiffe, endpointSPIFFEID}, trustDomainBundle); empty: none")
+	fs.StringVar(&o.federationConfigMap, "federation-configmap", "meshid-federated-bundles", "ConfigMap in --namespace where the last good bundle of each federated trust domain is kept across restarts and replicas; empty: not kept")
 	fs.StringVar(&o.podName, "pod-name", "", "this replica's name in leader election (default: the host name, which is the pod's name)")
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per pod (the one the token is bound to; per identity for tokens bound to no pod), sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per pod allowed at once above --rate-limit")
@@ -220,6 +227,14 @@ func (o *options) complete() error {
 		bad("--trust-domain: %v", err)
 	}
 	o.td = td
+	if o.federationFile != "" {
+		data, err := os.ReadFile(o.federationFile)
+		if err != nil {
+			bad("--federation-file: %v", err)
+		} else if o.peers, err = peers.ParseConfig(data, td); err != nil {
+			bad("--federation-file %s: %v", o.federationFile, err)
+		}
+	}
 	if len(o.audiences) == 0 {
 		bad("--audiences must name at least one audience")
 	}
