@@ -83,6 +83,15 @@ ledger: {type: sqlite}
 ambient: {nodeProxyServiceAccounts: [istio-system/ztunnel]}
 multicluster: {remoteSecretSelector: istio/multiCluster=true, remoteBundleConfigMaps: true}
 `,
+	// Federating with a SPIRE trust domain.
+	"federation": `
+federation:
+  federatesWith:
+  - trustDomain: spire.example
+    bundleEndpointURL: https://spire.example:8443
+    bundleEndpointProfile: {type: https_spiffe, endpointSPIFFEID: "spiffe://spire.example/spire/server"}
+    trustDomainBundle: '{"keys":[]}'
+`,
 	"pinned-images-text-logs-no-admin": `
 logFormat: text
 logLevel: debug
