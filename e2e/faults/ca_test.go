@@ -158,7 +158,7 @@ func killedDuringRotation() fault {
 			})
 			onNew := 0
 			for _, wl := range w.workloads {
-				if chain := wl.currentChain(); chain != nil && verifiesTo(chain, pool) {
+				if chain := wl.currentChain(); chain != nil && verifyChain(chain, pool) == nil {
 					onNew++
 				}
 			}
@@ -169,16 +169,6 @@ func killedDuringRotation() fault {
 		},
 		hold: 5 * time.Second,
 	}
-}
-
-// verifiesTo says whether chain verifies to pool.
-func verifiesTo(chain []*x509.Certificate, pool *x509.CertPool) bool {
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	_, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: chain[0].NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
-	return err == nil
 }
 
 // storedCA is the signing intermediate the CA Secret holds.

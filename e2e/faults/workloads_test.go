@@ -49,15 +49,22 @@ func (w *workload) receive(chain []*x509.Certificate) {
 	if len(cert.URIs) != 1 || cert.URIs[0].String() != w.id.String() {
 		w.wrongID = append(w.wrongID, fmt.Sprintf("%s got %v (serial %s)", w.id, cert.URIs, serial))
 	}
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := cert.Verify(x509.VerifyOptions{Roots: w.trust(), Intermediates: inter, CurrentTime: cert.NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	if err := verifyChain(chain, w.trust()); err != nil {
 		w.wrongID = append(w.wrongID, fmt.Sprintf("%s: serial %s does not verify to the mesh root: %v", w.id, serial, err))
 	}
 	w.current, w.chain = cert, chain
 	w.serials = append(w.serials, serial)
+}
+
+// verifyChain checks that chain, leaf first, verifies to pool, at the
+// leaf's own start (validity is the lapse check's business).
+func verifyChain(chain []*x509.Certificate, pool *x509.CertPool) error {
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	_, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: chain[0].NotBefore.Add(time.Minute), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err
 }
 
 // check notes a lapse if what the workload holds has expired at now.

@@ -242,14 +242,20 @@ func (w *world) writePlugin(files map[string][]byte) {
 		w.t.Fatal(err)
 	}
 	for name, data := range files {
-		tmp := filepath.Join(w.pluginDir, "."+name)
-		if err := os.WriteFile(tmp, data, 0o600); err != nil {
-			w.t.Fatal(err)
-		}
-		if err := os.Rename(tmp, filepath.Join(w.pluginDir, name)); err != nil {
+		if err := writeAtomic(filepath.Join(w.pluginDir, name), data, 0o600); err != nil {
 			w.t.Fatal(err)
 		}
 	}
+}
+
+// writeAtomic replaces path with data in one rename, so that a reader
+// polling it never sees half a file.
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
+	if err := os.WriteFile(tmp, data, mode); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // followBundle keeps rootFile and the trust of workloads and clients as
@@ -278,26 +284,20 @@ func (w *world) followBundle(ctx context.Context) {
 		// Trusted here before the agent reads it: what it then receives
 		// is checked against the bundle it could have.
 		w.trust.Store(next)
-		tmp := w.rootFile + ".tmp"
-		if os.WriteFile(tmp, pem, 0o644) == nil {
-			os.Rename(tmp, w.rootFile)
+		if err := writeAtomic(w.rootFile, pem, 0o644); err != nil {
+			w.t.Errorf("writing the agent's root file: %v", err)
 		}
 	}
 }
 
 // setAgentClock sets the agent's clock skew off the real clock (and the
-// CA's); the agent reads it within 200 ms, and the workloads' checks go on
-// by the real clock, as peers' would.
+// CA's); the agent reads it within 200 ms, a sliver of any fault that sets
+// it, and the workloads' checks go on by the real clock, as peers' would.
 func (w *world) setAgentClock(skew time.Duration) {
 	w.t.Helper()
-	tmp := w.clockFile + ".tmp"
-	if err := os.WriteFile(tmp, []byte(skew.String()), 0o644); err != nil {
+	if err := writeAtomic(w.clockFile, []byte(skew.String()), 0o644); err != nil {
 		w.t.Fatal(err)
 	}
-	if err := os.Rename(tmp, w.clockFile); err != nil {
-		w.t.Fatal(err)
-	}
-	time.Sleep(400 * time.Millisecond) // two of the agent's reads
 }
 
 // waitAllHold waits until every workload holds a certificate.
