@@ -2,29 +2,47 @@ package agent
 
 import (
 	"crypto/x509"
+	"maps"
 	"slices"
 	"sync"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Bundle is the set of trusted roots served to workloads. During a root
-// rotation it holds the old and the new root; every change is announced so
+// Bundle is what workloads are told to trust: their own trust domain's
+// roots (during a root rotation, the old and the new one) and the bundles
+// of the trust domains meshid federates with. Every change is announced so
 // that open streams get it at once.
 type Bundle struct {
-	mu    sync.Mutex
-	roots []*x509.Certificate
-	watch watchers
+	mu        sync.Mutex
+	td        spiffeid.TrustDomain
+	roots     []*x509.Certificate
+	federated map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	watch     watchers
 }
 
-// NewBundle starts with roots.
-func NewBundle(roots []*x509.Certificate) *Bundle {
-	return &Bundle{roots: slices.Clone(roots), watch: newWatchers()}
+// NewBundle starts with roots as trust domain td's, and no federation.
+func NewBundle(td spiffeid.TrustDomain, roots []*x509.Certificate) *Bundle {
+	return &Bundle{td: td, roots: slices.Clone(roots), watch: newWatchers()}
 }
+
+// TrustDomain is the workloads' own trust domain.
+func (b *Bundle) TrustDomain() spiffeid.TrustDomain { return b.td }
 
 // Roots returns the current roots; callers must not modify the slice.
 func (b *Bundle) Roots() []*x509.Certificate {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.roots
+}
+
+// Federated returns the federated trust domains' bundles held now (never
+// the own trust domain's); callers must not modify the map.
+func (b *Bundle) Federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.federated
 }
 
 // Changed is closed at the next change; then call it again.
@@ -55,5 +73,23 @@ func (b *Bundle) Set(roots []*x509.Certificate) {
 		return
 	}
 	b.roots = slices.Clone(roots)
+	b.watch.fire()
+}
+
+// SetFederated replaces the federated bundles, announcing it only if they
+// differ. An entry for the own trust domain is dropped: a peer never signs
+// for it.
+func (b *Bundle) SetFederated(bundles map[spiffeid.TrustDomain]*spiffebundle.Bundle) {
+	next := maps.Clone(bundles)
+	delete(next, b.td)
+	if len(next) == 0 {
+		next = nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if maps.EqualFunc(b.federated, next, (*spiffebundle.Bundle).Equal) {
+		return
+	}
+	b.federated = next
 	b.watch.fire()
 }

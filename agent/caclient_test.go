@@ -26,6 +26,7 @@ import (
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/keepalive"
 )
 
@@ -283,7 +284,7 @@ func healthCheck(ctx context.Context, conn *grpc.ClientConn, opts ...grpc.CallOp
 func TestDialCAVerifiesAgainstTheRootsOfEachHandshake(t *testing.T) {
 	r := newRotatingCA(t)
 	addr := serveTLS(t, servingCert(t, r.cur, x509.ExtKeyUsageServerAuth))
-	bundle := NewBundle([]*x509.Certificate{r.old.RootCert})
+	bundle := NewBundle(spiffeid.RequireTrustDomainFromString("cluster.local"), []*x509.Certificate{r.old.RootCert})
 	var asked atomic.Int32
 	roots := func() []*x509.Certificate {
 		asked.Add(1)

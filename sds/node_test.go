@@ -68,7 +68,7 @@ func startNode(t testing.TB) *nodeFixture {
 	}
 	t.Cleanup(m.Close)
 	f.manager = m
-	srv := sds.New(agent.Node{Manager: m, Auth: auth, TrustDomain: td}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil)
+	srv := sds.New(agent.Node{Manager: m, Auth: auth, TrustDomain: td}, agent.NewBundle(td, []*x509.Certificate{c.Root()}), nil)
 	_, conn := serveSDS(t, srv, "socket", 0o660)
 	f.client = secretv3.NewSecretDiscoveryServiceClient(conn)
 	return f

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,8 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -29,11 +32,30 @@ import (
 	"github.com/meshid/meshid/ca"
 )
 
-// Resource names, as Istio's proxy asks for them.
+// Resource names. Istio's proxy asks for the first two only; the others
+// are for Envoy configurations written by hand, named as SPIRE's agent
+// names them.
 const (
 	WorkloadCertName = "default"
-	RootCertName     = "ROOTCA"
+	// RootCertName is the trust bundle. Without federation it is the own
+	// trust domain's roots as a trusted CA set; with federated trust
+	// domains it is Envoy's SPIFFE certificate validator holding every
+	// trust domain's roots, each bound to its trust domain, so that a
+	// peer's CA cannot vouch for an identity in another trust domain (a
+	// combined trusted CA set would let it). Envoy has the validator
+	// since 1.18 (Istio 1.10).
+	RootCertName = "ROOTCA"
+	// AllBundlesName is the SPIFFE certificate validator with every trust
+	// domain, federated or not.
+	AllBundlesName = "ALL"
+	// A trust domain's ID ("spiffe://example.org") names the validator
+	// with that trust domain's roots alone; while it is not federated,
+	// the validator holds the own trust domain's instead, so that none of
+	// its certificates is trusted.
 )
+
+// SPIFFEValidatorName is the Envoy extension the validators name.
+const SPIFFEValidatorName = "envoy.tls.cert_validator.spiffe"
 
 // SecretType is the type URL of every resource served.
 const SecretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -48,7 +70,9 @@ type Resolver interface {
 
 // Bundle is the trust bundle served as ROOTCA; *agent.Bundle is one.
 type Bundle interface {
+	TrustDomain() spiffeid.TrustDomain
 	Roots() []*x509.Certificate
+	Federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle
 	// OnChange calls f at every change until stop; f must return at once.
 	OnChange(f func()) (stop func())
 }
@@ -92,14 +116,19 @@ func checkNames(typeURL string, names []string) ([]string, error) {
 	}
 	var out []string
 	for _, n := range names {
-		if n != WorkloadCertName && n != RootCertName {
-			return nil, status.Errorf(codes.InvalidArgument, "sds: unknown resource %q: only %q (workload certificate) and %q (trust bundle) are served", clip(n), WorkloadCertName, RootCertName)
+		if n != WorkloadCertName && n != RootCertName && n != AllBundlesName && !isTrustDomainName(n) {
+			return nil, status.Errorf(codes.InvalidArgument, "sds: unknown resource %q: only %q (workload certificate), %q (trust bundle), %q (every trust domain's) and a trust domain's ID (spiffe://example.org) are served", clip(n), WorkloadCertName, RootCertName, AllBundlesName)
 		}
 		if !slices.Contains(out, n) {
 			out = append(out, n)
 		}
 	}
 	return out, nil
+}
+
+func isTrustDomainName(n string) bool {
+	id, err := spiffeid.FromString(n)
+	return err == nil && id.Path() == ""
 }
 
 // clip keeps a client's string short enough to quote back to it.
@@ -302,9 +331,123 @@ func (s *Server) secret(w *agent.Handle, name string) (*tlsv3.Secret, string, er
 		}
 		return workloadSecret(svid)
 	case RootCertName:
+		if fed := s.bundle.Federated(); len(fed) > 0 {
+			return spiffeSecret(name, s.trustDomains(fed))
+		}
 		return rootSecret(s.bundle.Roots())
+	case AllBundlesName:
+		return spiffeSecret(name, s.trustDomains(s.bundle.Federated()))
+	}
+	if isTrustDomainName(name) {
+		td := spiffeid.RequireTrustDomainFromString(name)
+		all := s.trustDomains(s.bundle.Federated())
+		for _, t := range all {
+			if t.td == td {
+				return spiffeSecret(name, []trustDomainRoots{t})
+			}
+		}
+		// Not federated (yet, or any more): a validator that trusts none
+		// of td's certificates. Sending nothing would leave Envoy trusting
+		// what it was sent before the federation was removed.
+		return spiffeSecret(name, all[:1])
 	}
 	return nil, "", fmt.Errorf("sds: unknown resource %q", name)
+}
+
+type trustDomainRoots struct {
+	td    spiffeid.TrustDomain
+	roots []*x509.Certificate
+}
+
+// trustDomains is the own trust domain and every federated one with X.509
+// authorities, sorted by name.
+func (s *Server) trustDomains(fed map[spiffeid.TrustDomain]*spiffebundle.Bundle) []trustDomainRoots {
+	out := []trustDomainRoots{{td: s.bundle.TrustDomain(), roots: s.bundle.Roots()}}
+	for td, b := range fed {
+		if roots := b.X509Authorities(); len(roots) > 0 && td != s.bundle.TrustDomain() {
+			out = append(out, trustDomainRoots{td: td, roots: roots})
+		}
+	}
+	slices.SortFunc(out[1:], func(a, b trustDomainRoots) int { return strings.Compare(a.td.String(), b.td.String()) })
+	return out
+}
+
+// spiffeSecret is Envoy's SPIFFE certificate validator for tds.
+func spiffeSecret(name string, tds []trustDomainRoots) (*tlsv3.Secret, string, error) {
+	if len(tds) == 0 || len(tds[0].roots) == 0 {
+		return nil, "", nil
+	}
+	cfg := &tlsv3.SPIFFECertValidatorConfig{}
+	h := sha256.New()
+	for _, t := range tds {
+		var pem bytes.Buffer
+		for _, r := range t.roots {
+			pem.Write(ca.EncodePEM(r))
+			h.Write(r.Raw)
+		}
+		h.Write([]byte(t.td.String()))
+		cfg.TrustDomains = append(cfg.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{Name: t.td.String(), TrustBundle: inline(pem.Bytes())})
+	}
+	typed, err := anypb.New(cfg)
+	if err != nil {
+		return nil, "", fmt.Errorf("sds: %w", err)
+	}
+	sec := &tlsv3.Secret{
+		Name: name,
+		Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+			CustomValidatorConfig: &corev3.TypedExtensionConfig{Name: SPIFFEValidatorName, TypedConfig: typed},
+		}},
+	}
+	return sec, "spiffe-" + hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// TrustedRoots reads the roots out of a validation context this server
+// serves (or Envoy would take): the trusted CA set, or the SPIFFE
+// validator's trust domains. The map is keyed by trust domain; a plain
+// trusted CA set, bound to none, is under the zero trust domain.
+func TrustedRoots(vc *tlsv3.CertificateValidationContext) (map[spiffeid.TrustDomain][]*x509.Certificate, error) {
+	out := map[spiffeid.TrustDomain][]*x509.Certificate{}
+	if ca := vc.GetTrustedCa(); ca != nil {
+		roots, err := parseInlinePEM(ca)
+		if err != nil {
+			return nil, fmt.Errorf("sds: trusted_ca: %w", err)
+		}
+		out[spiffeid.TrustDomain{}] = roots
+	}
+	if cv := vc.GetCustomValidatorConfig(); cv != nil {
+		if cv.GetName() != SPIFFEValidatorName {
+			return nil, fmt.Errorf("sds: custom validator %q is not %s", cv.GetName(), SPIFFEValidatorName)
+		}
+		var cfg tlsv3.SPIFFECertValidatorConfig
+		if err := cv.GetTypedConfig().UnmarshalTo(&cfg); err != nil {
+			return nil, fmt.Errorf("sds: SPIFFE validator: %w", err)
+		}
+		for _, t := range cfg.GetTrustDomains() {
+			td, err := spiffeid.TrustDomainFromString(t.GetName())
+			if err != nil {
+				return nil, fmt.Errorf("sds: SPIFFE validator: %w", err)
+			}
+			roots, err := parseInlinePEM(t.GetTrustBundle())
+			if err != nil {
+				return nil, fmt.Errorf("sds: SPIFFE validator, trust domain %s: %w", td, err)
+			}
+			out[td] = roots
+		}
+	}
+	return out, nil
+}
+
+func parseInlinePEM(ds *corev3.DataSource) ([]*x509.Certificate, error) {
+	var b []byte
+	switch {
+	case ds.GetInlineBytes() != nil:
+		b = ds.GetInlineBytes()
+	case ds.GetInlineString() != "":
+		b = []byte(ds.GetInlineString())
+	default:
+		return nil, errors.New("not inline")
+	}
+	return ca.ParseCertificatesPEM(b)
 }
 
 func workloadSecret(svid *agent.SVID) (*tlsv3.Secret, string, error) {

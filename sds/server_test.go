@@ -52,7 +52,7 @@ func start(t testing.TB, ttl time.Duration, configure ...func(*agent.Config)) *f
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
-	bundle := agent.NewBundle([]*x509.Certificate{c.Root()})
+	bundle := agent.NewBundle(spiffeid.RequireTrustDomainFromString("cluster.local"), []*x509.Certificate{c.Root()})
 	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, bundle, nil)
 	socket, conn := serveSDS(t, srv, "workload-spiffe-uds/socket", 0o600)
 	return &fixture{ca: c, manager: m, bundle: bundle, client: secretv3.NewSecretDiscoveryServiceClient(conn), server: srv, socket: socket}
@@ -458,7 +458,7 @@ func TestServerNeedsItsOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
-	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil)
+	srv := sds.New(agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}, agent.NewBundle(spiffeid.RequireTrustDomainFromString("cluster.local"), []*x509.Certificate{c.Root()}), nil)
 	dir, err := os.MkdirTemp("", "sds")
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -24,10 +25,12 @@ type Resolver interface {
 // Bundle is the trust bundle; *agent.Bundle is one.
 type Bundle interface {
 	Roots() []*x509.Certificate
+	Federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle
 	Changed() <-chan struct{}
 }
 
-// Server serves FetchX509SVID and FetchX509Bundles.
+// Server serves FetchX509SVID and FetchX509Bundles, with the federated
+// trust domains' bundles beside the own one.
 type Server struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 
@@ -57,6 +60,22 @@ func checkHeader(ctx context.Context) error {
 		return status.Error(codes.InvalidArgument, "security header missing from request")
 	}
 	return nil
+}
+
+// federatedDER is each federated trust domain's X.509 authorities, keyed by
+// trust domain ID as the Workload API has them; those with only JWT
+// authorities are left out.
+func federatedDER(fed map[spiffeid.TrustDomain]*spiffebundle.Bundle) map[string][]byte {
+	if len(fed) == 0 {
+		return nil
+	}
+	out := make(map[string][]byte, len(fed))
+	for td, b := range fed {
+		if roots := b.X509Authorities(); len(roots) > 0 {
+			out[td.IDString()] = concatDER(roots)
+		}
+	}
+	return out
 }
 
 func concatDER(certs []*x509.Certificate) []byte {
@@ -90,7 +109,7 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 				X509Svid:    svid.ChainDER(),
 				X509SvidKey: svid.KeyDER(),
 				Bundle:      concatDER(s.bundle.Roots()),
-			}}}
+			}}, FederatedBundles: federatedDER(s.bundle.Federated())}
 			if err := stream.Send(resp); err != nil {
 				return err
 			}
@@ -115,7 +134,12 @@ func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.Se
 	for {
 		ch := s.bundle.Changed()
 		if roots := s.bundle.Roots(); len(roots) > 0 {
-			if err := stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{s.td.IDString(): concatDER(roots)}}); err != nil {
+			bundles := federatedDER(s.bundle.Federated())
+			if bundles == nil {
+				bundles = map[string][]byte{}
+			}
+			bundles[s.td.IDString()] = concatDER(roots)
+			if err := stream.Send(&workload.X509BundlesResponse{Bundles: bundles}); err != nil {
 				return err
 			}
 		}

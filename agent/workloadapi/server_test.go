@@ -31,6 +31,11 @@ var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 // serve runs the Workload API for one pod identity with certificates of ttl.
 func serve(t *testing.T, c *catest.CA, id spiffeid.ID, ttl time.Duration) string {
 	t.Helper()
+	return serveBundle(t, c, id, ttl, agent.NewBundle(td, []*x509.Certificate{c.Root()}))
+}
+
+func serveBundle(t *testing.T, c *catest.CA, id spiffeid.ID, ttl time.Duration, bundle *agent.Bundle) string {
+	t.Helper()
 	m, err := agent.NewManager(agent.Config{Signer: c, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}})
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +52,7 @@ func serve(t *testing.T, c *catest.CA, id spiffeid.ID, ttl time.Duration) string
 		t.Fatal(err)
 	}
 	g := grpc.NewServer()
-	meshidwl.New(td, agent.Pod{Manager: m, ID: id, Tokens: agent.StaticToken(id.String())}, agent.NewBundle([]*x509.Certificate{c.Root()}), nil).Register(g)
+	meshidwl.New(td, agent.Pod{Manager: m, ID: id, Tokens: agent.StaticToken(id.String())}, bundle, nil).Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)
 	return "unix://" + socket

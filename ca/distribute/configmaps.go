@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"time"
 
@@ -26,6 +27,10 @@ import (
 const (
 	DefaultName = "istio-ca-root-cert"
 	DefaultKey  = "root-cert.pem"
+	// FederatedKey holds the federated trust domains' bundles, a JSON
+	// object of trust domain name to SPIFFE bundle, while meshid-ca
+	// federates; meshid-agent reads it beside the roots (agent.FederatedBundlesKey).
+	FederatedKey = "federated-bundles.json"
 )
 
 // managedBy labels the ConfigMaps meshid writes.
@@ -41,8 +46,11 @@ type ConfigMaps struct {
 	Roots  Roots
 	Name   string        // default DefaultName
 	Key    string        // default DefaultKey
-	Poll   time.Duration // how often Roots is compared with what was written; default 5s
-	Log    *slog.Logger
+	// Federated gives what to write under FederatedKey; nil, or empty
+	// bytes: the key is left out.
+	Federated func() []byte
+	Poll      time.Duration // how often Roots is compared with what was written; default 5s
+	Log       *slog.Logger
 }
 
 // Run keeps the ConfigMaps until ctx ends.
@@ -104,13 +112,26 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 	}
 	log.Info("distributing the trust bundle", "configmap", name, "key", key)
 
-	var bundle []byte // what the workers write; changed only between passes
-	current := func() []byte {
+	// What the workers write; changed only between passes. bundle is the
+	// roots' PEM, federated the federated bundles (may be empty).
+	var bundle, federated []byte
+	current := func() ([]byte, []byte) {
 		var b bytes.Buffer
 		for _, r := range c.Roots() {
 			b.Write(ca.EncodePEM(r))
 		}
-		return b.Bytes()
+		var f []byte
+		if c.Federated != nil {
+			f = c.Federated()
+		}
+		return b.Bytes(), f
+	}
+	wantData := func() map[string]string {
+		d := map[string]string{key: string(bundle)}
+		if len(federated) > 0 {
+			d[FederatedKey] = string(federated)
+		}
+		return d
 	}
 	reconcile := func(ns string) error {
 		n, err := namespaces.Lister().Get(ns)
@@ -123,13 +144,13 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 		if len(bundle) == 0 {
 			return nil // no CA loaded yet: never write an empty bundle
 		}
-		want := string(bundle)
+		want := wantData()
 		cm, err := configMaps.Lister().ConfigMaps(ns).Get(name)
 		switch {
 		case apierrors.IsNotFound(err):
 			_, err = c.Client.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{
 				ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app.kubernetes.io/managed-by": managedBy}},
-				Data:       map[string]string{key: want},
+				Data:       want,
 			}, metav1.CreateOptions{})
 			if apierrors.IsAlreadyExists(err) {
 				return nil // the informer will tell us about it
@@ -140,11 +161,11 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 			return err
 		case err != nil:
 			return err
-		case cm.Data[key] == want && len(cm.Data) == 1 && len(cm.BinaryData) == 0:
+		case maps.Equal(cm.Data, want) && len(cm.BinaryData) == 0:
 			return nil
 		}
 		fixed := cm.DeepCopy()
-		fixed.Data = map[string]string{key: want}
+		fixed.Data = want
 		fixed.BinaryData = nil
 		if fixed.Labels == nil {
 			fixed.Labels = map[string]string{}
@@ -159,7 +180,7 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 
 	// One goroutine both pulls work and watches the roots, so bundle only
 	// changes between items.
-	bundle = current()
+	bundle, federated = current()
 	for _, ns := range namespaces.Informer().GetStore().ListKeys() {
 		queue.Add(ns)
 	}
@@ -186,9 +207,9 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
-			if b := current(); !bytes.Equal(b, bundle) {
-				bundle = b
-				log.Info("trust bundle changed; rewriting it in every namespace", "roots", len(c.Roots()))
+			if b, f := current(); !bytes.Equal(b, bundle) || !bytes.Equal(f, federated) {
+				bundle, federated = b, f
+				log.Info("trust bundle changed; rewriting it in every namespace", "roots", len(c.Roots()), "federated_bundles_bytes", len(f))
 				for _, ns := range namespaces.Informer().GetStore().ListKeys() {
 					queue.Add(ns)
 				}

@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/meshid/meshid/agent"
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/distribute"
 	"github.com/meshid/meshid/ca/keys"
@@ -215,4 +216,55 @@ func TestLeaderFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the new leader repairs", bundleIn(c, "shop", pemOf(root)))
+}
+
+// TestConfigMapsFederated: the federated bundles go beside the roots while
+// there are any, follow every change, and the key goes when they do.
+func TestConfigMapsFederated(t *testing.T) {
+	if distribute.FederatedKey != agent.FederatedBundlesKey {
+		t.Fatalf("meshid-ca writes %q, meshid-agent reads %q", distribute.FederatedKey, agent.FederatedBundlesKey)
+	}
+	c := kubetest.Start(t)
+	createNS(t, c, "shop")
+	root := newRoot(t)
+	rs := &roots{}
+	rs.set(root)
+	var mu sync.Mutex
+	fed := []byte(`{"a.example":{"keys":[]}}`)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- (&distribute.ConfigMaps{Client: c.Client, Roots: rs.get, Poll: 100 * time.Millisecond, Federated: func() []byte {
+			mu.Lock()
+			defer mu.Unlock()
+			return fed
+		}}).Run(ctx)
+	}()
+	holds := func(want string) func() error {
+		return func() error {
+			cm, err := c.Client.CoreV1().ConfigMaps("shop").Get(ctx, distribute.DefaultName, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			got, ok := cm.Data[distribute.FederatedKey]
+			if cm.Data[distribute.DefaultKey] != pemOf(root) || got != want || ok != (want != "") {
+				return fmt.Errorf("shop's ConfigMap holds %v", cm.Data)
+			}
+			return nil
+		}
+	}
+	eventually(t, "federated bundles beside the roots", holds(`{"a.example":{"keys":[]}}`))
+	mu.Lock()
+	fed = []byte(`{"b.example":{"keys":[]}}`)
+	mu.Unlock()
+	eventually(t, "federated bundles changed", holds(`{"b.example":{"keys":[]}}`))
+	mu.Lock()
+	fed = nil
+	mu.Unlock()
+	eventually(t, "federated key removed", holds(""))
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 }

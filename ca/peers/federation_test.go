@@ -211,10 +211,20 @@ func TestConfigMapStoreKeepsTheLastGood(t *testing.T) {
 		waitFor(t, what, func() bool { return until(s) })
 		return s
 	}
+	// A federation removed from the configuration since the last run.
+	removed := spiffeid.RequireTrustDomainFromString("removed.example")
+	if err := store.Save(context.Background(), removed, mustMarshal(t, spiffebundle.FromX509Authorities(removed, []*x509.Certificate{peerCA(t).RootCert}))); err != nil {
+		t.Fatal(err)
+	}
 	run(p, func(s *Set) bool {
 		stored, _ := store.Load(context.Background())
-		return len(stored[peer]) > 0
-	}, "the bundle stored")
+		b, err := ParseBundle(peer, stored[peer])
+		if err != nil {
+			return false
+		}
+		_, seq := b.SequenceNumber() // the endpoint's, not the bootstrap's
+		return seq && stored[removed] == nil
+	}, "the bundle stored and the removed trust domain pruned")
 
 	p.URL = "https://127.0.0.1:1/gone"
 	s := run(p, func(s *Set) bool { return s.Status(time.Now())[0].From == "store" }, "the stored bundle loaded")

@@ -1,10 +1,13 @@
 package peers
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -28,10 +31,13 @@ const (
 const StaleAfter = 3
 
 // Store keeps the last good bundle of each peer across restarts and
-// replicas; *ConfigMapStore is one.
+// replicas, and is where the agents read them; *ConfigMapStore is one.
 type Store interface {
 	Load(ctx context.Context) (map[spiffeid.TrustDomain][]byte, error)
 	Save(ctx context.Context, td spiffeid.TrustDomain, bundle []byte) error
+	// Prune drops every trust domain but keep's: a federation removed
+	// from the configuration stops being trusted by the agents too.
+	Prune(ctx context.Context, keep []spiffeid.TrustDomain) error
 }
 
 // Config wires a Set.
@@ -112,9 +118,24 @@ func (s *Set) Run(ctx context.Context) {
 				s.cfg.Log.Warn("federated bundles: a stored bundle does not parse; ignored", "trust_domain", td.String(), "error", err)
 				continue
 			}
+			if _, ok := s.state[td]; !ok {
+				continue // no longer federated: pruned below
+			}
 			if err := s.accept(td, b, "store", time.Time{}); err != nil && !errors.Is(err, errUnchanged) {
 				s.cfg.Log.Warn("federated bundles: a stored bundle not taken", "trust_domain", td.String(), "error", err)
 			}
+		}
+		keep := make([]spiffeid.TrustDomain, 0, len(s.cfg.Peers))
+		for _, p := range s.cfg.Peers {
+			keep = append(keep, p.TrustDomain)
+			// A peer known only by its bootstrap bundle is stored too:
+			// the agents trust what the CA trusts, from the start.
+			if _, ok := stored[p.TrustDomain]; !ok && p.Bootstrap != nil {
+				s.save(ctx, p.TrustDomain, p.Bootstrap)
+			}
+		}
+		if err := s.cfg.Store.Prune(ctx, keep); err != nil {
+			s.cfg.Log.Warn("federated bundles: trust domains no longer federated not removed from the store", "error", err)
 		}
 	}
 	var wg sync.WaitGroup
@@ -227,7 +248,7 @@ func (s *Set) save(ctx context.Context, td spiffeid.TrustDomain, b *spiffebundle
 	if s.cfg.Store == nil {
 		return
 	}
-	data, err := b.Marshal()
+	data, err := MarshalBundle(b)
 	if err == nil {
 		err = s.cfg.Store.Save(ctx, td, data)
 	}
@@ -247,6 +268,29 @@ func (s *Set) Bundles() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
 		}
 	}
 	return out
+}
+
+// ForAgents is every peer's bundle held now as the agents read it: a JSON
+// object from trust domain name to SPIFFE bundle, keys sorted; nil when
+// none is held.
+func (s *Set) ForAgents() []byte {
+	out := map[string]json.RawMessage{}
+	for td, b := range s.Bundles() {
+		data, err := MarshalBundle(b)
+		if err != nil {
+			s.cfg.Log.Error("federated bundle not given to the agents: it does not marshal", "trust_domain", td.String(), "error", err)
+			continue
+		}
+		out[td.String()] = data
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	data, err := json.Marshal(out)
+	if err != nil {
+		return nil
+	}
+	return data
 }
 
 // GetBundleForTrustDomain makes the Set a spiffebundle.Source of the peers'
@@ -316,4 +360,28 @@ func (c setCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(staleDesc, prometheus.GaugeValue, v, st.TrustDomain.String())
 	}
+}
+
+// MarshalBundle is b in the SPIFFE bundle format with its keys in a fixed
+// order: go-spiffe's Marshal lists JWT authorities in map order, and a
+// bundle that reads differently at each write would be rewritten in every
+// namespace at every pass.
+func MarshalBundle(b *spiffebundle.Bundle) ([]byte, error) {
+	data, err := b.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("peers: %w", err)
+	}
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("peers: %w", err)
+	}
+	var keys []json.RawMessage
+	if err := json.Unmarshal(doc["keys"], &keys); err != nil {
+		return nil, fmt.Errorf("peers: %w", err)
+	}
+	slices.SortFunc(keys, func(a, b json.RawMessage) int { return bytes.Compare(a, b) })
+	if doc["keys"], err = json.Marshal(keys); err != nil {
+		return nil, fmt.Errorf("peers: %w", err)
+	}
+	return json.Marshal(doc) // object keys sorted
 }

@@ -3,6 +3,7 @@ package peers
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
@@ -74,6 +75,40 @@ func (c *ConfigMapStore) Save(ctx context.Context, td spiffeid.TrustDomain, bund
 	}
 	if err != nil {
 		return fmt.Errorf("peers: storing %s's bundle in ConfigMap %s/%s: %w", td, c.Namespace, c.Name, err)
+	}
+	return nil
+}
+
+// Prune removes every trust domain's key but keep's.
+func (c *ConfigMapStore) Prune(ctx context.Context, keep []spiffeid.TrustDomain) error {
+	cms := c.Client.ConfigMaps(c.Namespace)
+	var err error
+	for range 3 {
+		var cm *corev1.ConfigMap
+		cm, err = cms.Get(ctx, c.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		if err != nil {
+			break
+		}
+		changed := false
+		for k := range cm.Data {
+			td, perr := spiffeid.TrustDomainFromString(k)
+			if perr == nil && !slices.Contains(keep, td) {
+				delete(cm.Data, k)
+				changed = true
+			}
+		}
+		if !changed {
+			return nil
+		}
+		if _, err = cms.Update(ctx, cm, metav1.UpdateOptions{}); !apierrors.IsConflict(err) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("peers: pruning ConfigMap %s/%s: %w", c.Namespace, c.Name, err)
 	}
 	return nil
 }

@@ -88,7 +88,7 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return err
 	}
-	bundle := agent.NewBundle(roots)
+	bundle := agent.NewBundle(o.td, roots)
 	// The CA is verified against the bundle as watchRoots reloads it, so
 	// that reconnecting after a root rotation trusts the new root.
 	conn, err := agent.DialCA(o.caAddr, bundle.Roots, o.caServerName)
@@ -178,6 +178,10 @@ func run(ctx context.Context, o *options) error {
 		go agent.KeepFiles(ctx, self, o.outputDir, bundle.Roots, log)
 	}
 	go watchRoots(ctx, o.caRootFile, bundle, log)
+	if o.federatedFile != "" {
+		agent.LoadFederated(bundle, o.federatedFile, log)
+		go watchFederated(ctx, o.federatedFile, bundle, log)
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
@@ -238,6 +242,21 @@ func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slo
 			continue
 		}
 		bundle.Set(roots)
+	}
+}
+
+// watchFederated rereads the federated bundles every 5 s: kubelet updates
+// a mounted ConfigMap in place, within a minute of its change.
+func watchFederated(ctx context.Context, path string, bundle *agent.Bundle, log *slog.Logger) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		agent.LoadFederated(bundle, path, log)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -23,6 +24,7 @@ type options struct {
 	mode           string
 	caAddr         string
 	caRootFile     string
+	federatedFile  string
 	caServerName   string
 	clusterID      string
 	trustDomain    string
@@ -76,6 +78,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.jwksFile, "jwks-file", "", "node mode with --auth=jwks: the token issuer's JWKS file")
 	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "node mode with --auth=jwks: expected iss claim")
 	fs.StringVar(&o.caAddr, "ca-addr", "meshid-ca.meshid-system.svc:15012", "meshid-ca's gRPC address (TLS)")
+	fs.StringVar(&o.federatedFile, "federated-bundles-file", "", "the federated trust domains' bundles: the "+agent.FederatedBundlesKey+" key meshid-ca adds to the trust bundle ConfigMap while it federates (a missing file is no federation); served to workloads over SDS and the Workload API, reread every 5 s. Default: beside --ca-root-file; none: never read")
 	fs.StringVar(&o.caRootFile, "ca-root-file", "./var/run/secrets/istio/root-cert.pem", "PEM roots the CA's certificate must chain to (the istio-ca-root-cert ConfigMap mount); also served as the trust bundle")
 	fs.StringVar(&o.caServerName, "ca-server-name", "", "name the CA's certificate must carry (default: the host of --ca-addr)")
 	fs.StringVar(&o.clusterID, "cluster-id", "Kubernetes", "cluster ID sent to the CA, as Istio's agent sends it")
@@ -146,6 +149,12 @@ func (o *options) complete() error {
 	}
 	if o.caAddr == "" || o.caRootFile == "" {
 		bad("--ca-addr and --ca-root-file are required")
+	}
+	switch o.federatedFile {
+	case "":
+		o.federatedFile = filepath.Join(filepath.Dir(o.caRootFile), agent.FederatedBundlesKey)
+	case "none":
+		o.federatedFile = ""
 	}
 	if o.kt, err = agent.ParseKeyType(o.keyType); err != nil {
 		bad("--key-type: %v", err)

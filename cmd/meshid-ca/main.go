@@ -429,6 +429,7 @@ func run(ctx context.Context, o *options) error {
 		defer bundleServer.Close()
 	}
 
+	var federated func() []byte // the peers' bundles for the agents, beside the roots
 	if len(o.peers) > 0 {
 		cfg := peers.Config{Peers: o.peers, Log: log.With("component", "federation"), Registerer: reg}
 		if kube != nil && o.federationConfigMap != "" {
@@ -439,6 +440,7 @@ func run(ctx context.Context, o *options) error {
 			return err
 		}
 		go set.Run(ctx)
+		federated = set.ForAgents
 		log.Info("federating", "trust_domains", len(o.peers), "stored_in", o.federationConfigMap)
 	}
 
@@ -454,7 +456,7 @@ func run(ctx context.Context, o *options) error {
 		reg.MustRegister(leading)
 		leader := &distribute.Leader{Client: kube, Namespace: o.namespace, Lease: o.leaderLease, Identity: o.podName, Log: log,
 			OnChange: func(b bool) { leading.Set(map[bool]float64{true: 1}[b]) }}
-		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: roots}
+		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated}
 		leaderDone := make(chan struct{})
 		go func() {
 			defer close(leaderDone)
@@ -465,7 +467,7 @@ func run(ctx context.Context, o *options) error {
 				if o.remoteBundles {
 					remotes.Each(ctx, func(ctx context.Context, id string, client kubernetes.Interface) {
 						log := log.With("cluster", id)
-						remote := &distribute.ConfigMaps{Client: client, Name: o.bundleConfigMap, Log: log, Roots: roots}
+						remote := &distribute.ConfigMaps{Client: client, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated}
 						if err := remote.Run(ctx); err != nil && ctx.Err() == nil {
 							log.Error("distributing the trust bundle to a remote cluster failed", "error", err)
 						}

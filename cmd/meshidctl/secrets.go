@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -128,6 +130,7 @@ type servedSecret struct {
 	version string
 	typ     string              // typeCertChain or typeCA
 	certs   []*x509.Certificate // the chain, leaf first; or the roots
+	boundTo []string            // a SPIFFE validator's: each root's trust domain ID, by index
 	order   error               // the chain is out of order
 	keyErr  string              // why the key does not match; "" if it does
 }
@@ -267,6 +270,22 @@ func readSecret(sec *tlsv3.Secret, version string) (servedSecret, error) {
 		}
 	case *tlsv3.Secret_ValidationContext:
 		s.typ = typeCA
+		if t.ValidationContext.GetCustomValidatorConfig() != nil {
+			// With federation, the agent serves Envoy's SPIFFE validator:
+			// roots bound to their trust domains.
+			byTD, err := sds.TrustedRoots(t.ValidationContext)
+			if err != nil {
+				return s, err
+			}
+			tds := slices.SortedFunc(maps.Keys(byTD), func(a, b spiffeid.TrustDomain) int { return strings.Compare(a.String(), b.String()) })
+			for _, td := range tds {
+				for _, r := range byTD[td] {
+					s.certs = append(s.certs, r)
+					s.boundTo = append(s.boundTo, td.IDString())
+				}
+			}
+			break
+		}
 		roots, err := inlineData(t.ValidationContext.GetTrustedCa())
 		if err != nil {
 			return s, fmt.Errorf("trusted CA: %w", err)
@@ -349,11 +368,19 @@ type secretRow struct {
 // leaf, checked against the roots served beside it; a row per root.
 func secretRows(served []servedSecret, now time.Time, expiring time.Duration) []secretRow {
 	var roots []*x509.Certificate
+	var rootsTD []string // "" for a root bound to no trust domain
 	var chain []*x509.Certificate
 	for _, s := range served {
 		switch s.typ {
 		case typeCA:
 			roots = append(roots, s.certs...)
+			for i := range s.certs {
+				td := ""
+				if i < len(s.boundTo) {
+					td = s.boundTo[i]
+				}
+				rootsTD = append(rootsTD, td)
+			}
 		case typeCertChain:
 			if s.order == nil {
 				chain = s.certs
@@ -363,9 +390,11 @@ func secretRows(served []servedSecret, now time.Time, expiring time.Duration) []
 	var rows []secretRow
 	for _, s := range served {
 		if s.typ == typeCA {
-			for _, root := range s.certs {
+			for i, root := range s.certs {
 				r := secretRowOf(s, root, now, expiring)
-				if id, _ := spiffeIDOf(root); id != "" {
+				if i < len(s.boundTo) {
+					r.SPIFFEID = s.boundTo[i]
+				} else if id, _ := spiffeIDOf(root); id != "" {
 					r.SPIFFEID = trustDomainID(id)
 				} else if chain != nil && verifyChain(chain, []*x509.Certificate{root}, now) == nil {
 					r.SPIFFEID = trustDomainID(leafID(chain))
@@ -386,8 +415,8 @@ func secretRows(served []servedSecret, now time.Time, expiring time.Duration) []
 		}
 		if s.order != nil {
 			r.Problems = append(r.Problems, s.order.Error())
-		} else if len(roots) > 0 {
-			if err := verifyChain(s.certs, roots, now); err != nil {
+		} else if mine := rootsFor(roots, rootsTD, trustDomainID(leafID(s.certs))); len(mine) > 0 {
+			if err := verifyChain(s.certs, mine, now); err != nil {
 				r.Problems = append(r.Problems, "the chain does not verify to the ROOTCA served: "+verifyReason(err, s.certs, now))
 			}
 		}
@@ -395,6 +424,18 @@ func secretRows(served []servedSecret, now time.Time, expiring time.Duration) []
 		rows = append(rows, r)
 	}
 	return rows
+}
+
+// rootsFor keeps the roots that may vouch for trust domain td: those bound
+// to it, and those bound to none.
+func rootsFor(roots []*x509.Certificate, boundTo []string, td string) []*x509.Certificate {
+	var out []*x509.Certificate
+	for i, r := range roots {
+		if boundTo[i] == "" || boundTo[i] == td {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 func secretRowOf(s servedSecret, c *x509.Certificate, now time.Time, expiring time.Duration) secretRow {

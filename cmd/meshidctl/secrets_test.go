@@ -15,6 +15,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"sigs.k8s.io/yaml"
@@ -48,7 +49,7 @@ func startPod(t *testing.T, hold bool) *agentFixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
-	f := &agentFixture{ca: c, manager: m, bundle: agent.NewBundle([]*x509.Certificate{c.Root()})}
+	f := &agentFixture{ca: c, manager: m, bundle: agent.NewBundle(spiffeid.RequireTrustDomainFromString("cluster.local"), []*x509.Certificate{c.Root()})}
 	pod := agent.Pod{Manager: m, ID: web, Tokens: agent.StaticToken(web.String())}
 	if hold {
 		h := m.Acquire(web, pod.Tokens)
@@ -86,7 +87,7 @@ func startNode(t *testing.T) *agentFixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
-	f := &agentFixture{ca: c, manager: m, bundle: agent.NewBundle([]*x509.Certificate{c.Root()}), issuer: issuer}
+	f := &agentFixture{ca: c, manager: m, bundle: agent.NewBundle(spiffeid.RequireTrustDomainFromString("cluster.local"), []*x509.Certificate{c.Root()}), issuer: issuer}
 	f.socket = serveSDS(t, sds.New(agent.Node{Manager: m, Auth: auth, TrustDomain: td}, f.bundle, nil))
 	return f
 }
@@ -483,5 +484,30 @@ func TestSecretsStreamOnly(t *testing.T) {
 	if len(rep.Secrets) != 2 || rep.Secrets[0].SerialNumber != svid.Serial.Text(16) || rep.Secrets[0].SPIFFEID != webID ||
 		rep.Secrets[1].ResourceName != "ROOTCA" || !rep.Secrets[1].ValidCert {
 		t.Errorf("through a stream-only agent: %+v", rep.Secrets)
+	}
+}
+
+// With federation the agent serves ROOTCA as Envoy's SPIFFE validator: a
+// row per root, named by the trust domain it is bound to, and the leaf
+// checked against its own trust domain's roots only.
+func TestSecretsFederatedRootCA(t *testing.T) {
+	f := startPod(t, true)
+	other := spiffeid.RequireTrustDomainFromString("other.example")
+	peer := catest.NewIn(t, other.String())
+	f.bundle.SetFederated(map[spiffeid.TrustDomain]*spiffebundle.Bundle{other: spiffebundle.FromX509Authorities(other, []*x509.Certificate{peer.Root()})})
+
+	r := runCLI(t, nil, "secrets", "--socket", f.socket, "-o", "json")
+	r.want(t, exitOK)
+	rep := secretsJSON(t, r)
+	if len(rep.Secrets) != 3 {
+		t.Fatalf("report: %+v", rep)
+	}
+	def, own, fed := rep.Secrets[0], rep.Secrets[1], rep.Secrets[2]
+	if !def.ValidCert || len(def.Problems) != 0 {
+		t.Errorf("the leaf against its trust domain's roots: %+v", def)
+	}
+	if own.SPIFFEID != "spiffe://cluster.local" || own.SerialNumber != f.ca.Root().SerialNumber.Text(16) ||
+		fed.SPIFFEID != "spiffe://other.example" || fed.SerialNumber != peer.Root().SerialNumber.Text(16) || fed.ResourceName != "ROOTCA" {
+		t.Errorf("ROOTCA rows: %+v, %+v", own, fed)
 	}
 }

@@ -5,6 +5,10 @@ package catest
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"sync"
 	"testing"
@@ -36,7 +40,13 @@ type CA struct {
 // (in a synctest bubble: the bubble's now).
 func New(t testing.TB) *CA {
 	t.Helper()
-	m, err := keys.Generate(keys.Options{TrustDomain: "cluster.local", Algorithm: keys.ECDSAP256})
+	return NewIn(t, "cluster.local")
+}
+
+// NewIn makes a CA of trust domain td (a federated peer's, say).
+func NewIn(t testing.TB, td string) *CA {
+	t.Helper()
+	m, err := keys.Generate(keys.Options{TrustDomain: td, Algorithm: keys.ECDSAP256})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,6 +61,29 @@ func New(t testing.TB) *CA {
 		t.Fatal(err)
 	}
 	return &CA{authority: a, root: is.Root()}
+}
+
+// IssueFor signs a fresh P-256 key's certificate for id, an hour long,
+// and returns the chain (leaf first, root last) and the key.
+func (c *CA) IssueFor(t testing.TB, id spiffeid.ID) ([]*x509.Certificate, crypto.Signer) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: key.Public(), TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chain []*x509.Certificate
+	for _, p := range cert.ChainPEM {
+		certs, err := ca.ParseCertificatesPEM([]byte(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain = append(chain, certs...)
+	}
+	return chain, key
 }
 
 // Root is the CA's root.
