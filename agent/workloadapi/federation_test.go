@@ -133,4 +133,4 @@ func TestGoSpiffeFederation(t *testing.T) {
 type bundlesWatcher chan *x509bundle.Set
 
 func (w bundlesWatcher) OnX509BundlesUpdate(set *x509bundle.Set) { w <- set }
-func (w bundlesWatcher) OnX509BundlesWatchError(error)          {}
+func (w bundlesWatcher) OnX509BundlesWatchError(error)           {}

@@ -44,8 +44,8 @@ type Roots func() []*x509.Certificate
 type ConfigMaps struct {
 	Client kubernetes.Interface
 	Roots  Roots
-	Name   string        // default DefaultName
-	Key    string        // default DefaultKey
+	Name   string // default DefaultName
+	Key    string // default DefaultKey
 	// Federated gives what to write under FederatedKey; nil, or empty
 	// bytes: the key is left out.
 	Federated func() []byte
