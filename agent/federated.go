@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -37,14 +38,7 @@ func ParseFederatedBundles(data []byte, own spiffeid.TrustDomain) (bundles map[s
 	}
 	out := map[spiffeid.TrustDomain]*spiffebundle.Bundle{}
 	var errs []error
-	names := slices.Sorted(func(yield func(string) bool) {
-		for k := range raw {
-			if !yield(k) {
-				return
-			}
-		}
-	})
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(raw)) {
 		td, err := spiffeid.TrustDomainFromString(name)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("agent: federated bundles: %q is not a trust domain: %w", clip(name), err))

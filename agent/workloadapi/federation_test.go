@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"io"
 	"testing"
 	"time"
 
@@ -67,20 +66,7 @@ func TestGoSpiffeFederation(t *testing.T) {
 	chain, key := peerCA.IssueFor(t, peerID)
 	peerSVID := &x509svid.SVID{ID: peerID, Certificates: chain[:len(chain)-1], PrivateKey: key}
 	peerTrust := x509bundle.NewSet(x509bundle.FromX509Authorities(td, []*x509.Certificate{c.Root()}), x509bundle.FromX509Authorities(other, []*x509.Certificate{peerCA.Root()}))
-	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(peerSVID, peerTrust, tlsconfig.AuthorizeMemberOf(td)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
-	go func() {
-		for {
-			conn, err := lis.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(conn, conn); conn.Close() }()
-		}
-	}()
+	lis := echoServer(t, tlsconfig.MTLSServerConfig(peerSVID, peerTrust, tlsconfig.AuthorizeMemberOf(td)))
 	dial := func() error {
 		conn, err := tls.Dial("tcp", lis.Addr().String(), tlsconfig.MTLSClientConfig(src, src, tlsconfig.AuthorizeID(peerID)))
 		if err != nil {

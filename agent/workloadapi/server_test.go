@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -77,20 +78,7 @@ func TestGoSpiffeMTLSAcrossRotation(t *testing.T) {
 	}
 	serverSrc, clientSrc := source(serverID), source(clientID)
 
-	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(serverSrc, serverSrc, tlsconfig.AuthorizeID(clientID)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
-	go func() {
-		for {
-			conn, err := lis.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(conn, conn); conn.Close() }()
-		}
-	}()
+	lis := echoServer(t, tlsconfig.MTLSServerConfig(serverSrc, serverSrc, tlsconfig.AuthorizeID(clientID)))
 	dial := func(authorize spiffeid.ID) (*tls.Conn, error) {
 		return tls.Dial("tcp", lis.Addr().String(), tlsconfig.MTLSClientConfig(clientSrc, clientSrc, tlsconfig.AuthorizeID(authorize)))
 	}
@@ -128,6 +116,27 @@ func TestGoSpiffeMTLSAcrossRotation(t *testing.T) {
 	if _, err := dial(spiffeid.RequireFromPath(td, "/ns/shop/sa/admin")); err == nil {
 		t.Error("client accepted a server that is not the one it authorized")
 	}
+}
+
+// echoServer listens on loopback with cfg and echoes every connection
+// until the test ends.
+func echoServer(t *testing.T, cfg *tls.Config) net.Listener {
+	t.Helper()
+	lis, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lis.Close() })
+	go func() {
+		for {
+			conn, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(conn, conn); conn.Close() }()
+		}
+	}()
+	return lis
 }
 
 func echo(t *testing.T, conn *tls.Conn) {

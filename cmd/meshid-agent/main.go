@@ -89,7 +89,7 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	bundle := agent.NewBundle(o.td, roots)
-	// The CA is verified against the bundle as watchRoots reloads it, so
+	// The CA is verified against the bundle as watchTrust reloads it, so
 	// that reconnecting after a root rotation trusts the new root.
 	conn, err := agent.DialCA(o.caAddr, bundle.Roots, o.caServerName)
 	if err != nil {
@@ -177,11 +177,10 @@ func run(ctx context.Context, o *options) error {
 		}
 		go agent.KeepFiles(ctx, self, o.outputDir, bundle.Roots, log)
 	}
-	go watchRoots(ctx, o.caRootFile, bundle, log)
 	if o.federatedFile != "" {
 		agent.LoadFederated(bundle, o.federatedFile, log)
-		go watchFederated(ctx, o.federatedFile, bundle, log)
 	}
+	go watchTrust(ctx, o.caRootFile, o.federatedFile, bundle, log)
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
@@ -225,9 +224,11 @@ func run(ctx context.Context, o *options) error {
 	return err
 }
 
-// watchRoots reloads the trust bundle from path (a ConfigMap mount changes
-// in place); a file that does not parse is logged and ignored.
-func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slog.Logger) {
+// watchTrust reloads the trust bundle from rootPath and, unless empty,
+// the federated bundles from federatedPath every 5 s: kubelet updates a
+// mounted ConfigMap in place, within a minute of its change. A roots file
+// that does not parse is logged and ignored.
+func watchTrust(ctx context.Context, rootPath, federatedPath string, bundle *agent.Bundle, log *slog.Logger) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
 	for {
@@ -236,27 +237,14 @@ func watchRoots(ctx context.Context, path string, bundle *agent.Bundle, log *slo
 			return
 		case <-t.C:
 		}
-		roots, err := readRoots(path)
-		if err != nil {
+		if roots, err := readRoots(rootPath); err != nil {
 			log.Warn("trust bundle not reloaded", "error", err)
-			continue
+		} else {
+			bundle.Set(roots)
 		}
-		bundle.Set(roots)
-	}
-}
-
-// watchFederated rereads the federated bundles every 5 s: kubelet updates
-// a mounted ConfigMap in place, within a minute of its change.
-func watchFederated(ctx context.Context, path string, bundle *agent.Bundle, log *slog.Logger) {
-	t := time.NewTicker(5 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+		if federatedPath != "" {
+			agent.LoadFederated(bundle, federatedPath, log)
 		}
-		agent.LoadFederated(bundle, path, log)
 	}
 }
 

@@ -71,17 +71,9 @@ func (c *CA) IssueFor(t testing.TB, id spiffeid.ID) ([]*x509.Certificate, crypto
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: key.Public(), TTL: time.Hour})
+	chain, err := c.issue(ca.Request{ID: id, PublicKey: key.Public(), TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
-	}
-	var chain []*x509.Certificate
-	for _, p := range cert.ChainPEM {
-		certs, err := ca.ParseCertificatesPEM([]byte(p))
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = append(chain, certs...)
 	}
 	return chain, key
 }
@@ -125,7 +117,12 @@ func (c *CA) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Dur
 	if err != nil {
 		return nil, status.Error(codes.PermissionDenied, err.Error())
 	}
-	cert, err := c.authority.Issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
+	return c.issue(ca.Request{ID: id, PublicKey: pub, TTL: ttl})
+}
+
+// issue signs req and returns the chain, leaf first and root last.
+func (c *CA) issue(req ca.Request) ([]*x509.Certificate, error) {
+	cert, err := c.authority.Issue(req)
 	if err != nil {
 		return nil, err
 	}
