@@ -41,38 +41,15 @@ func (c *ConfigMapStore) Load(ctx context.Context) (map[spiffeid.TrustDomain][]b
 	return out, nil
 }
 
-// Save writes td's bundle, creating the ConfigMap if need be; a write that
-// races another replica's is tried again on the newer ConfigMap.
+// Save writes td's bundle, creating the ConfigMap if need be.
 func (c *ConfigMapStore) Save(ctx context.Context, td spiffeid.TrustDomain, bundle []byte) error {
-	cms := c.Client.ConfigMaps(c.Namespace)
-	var err error
-	for range 3 {
-		var cm *corev1.ConfigMap
-		cm, err = cms.Get(ctx, c.Name, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			cm = &corev1.ConfigMap{
-				ObjectMeta: metav1.ObjectMeta{Name: c.Name, Namespace: c.Namespace, Labels: map[string]string{"app.kubernetes.io/managed-by": "meshid-ca"}},
-				Data:       map[string]string{td.String(): string(bundle)},
-			}
-			if _, err = cms.Create(ctx, cm, metav1.CreateOptions{}); !apierrors.IsAlreadyExists(err) {
-				break
-			}
-			continue
+	err := c.update(ctx, true, func(data map[string]string) bool {
+		if data[td.String()] == string(bundle) {
+			return false
 		}
-		if err != nil {
-			break
-		}
-		if cm.Data[td.String()] == string(bundle) {
-			return nil
-		}
-		if cm.Data == nil {
-			cm.Data = map[string]string{}
-		}
-		cm.Data[td.String()] = string(bundle)
-		if _, err = cms.Update(ctx, cm, metav1.UpdateOptions{}); !apierrors.IsConflict(err) {
-			break
-		}
-	}
+		data[td.String()] = string(bundle)
+		return true
+	})
 	if err != nil {
 		return fmt.Errorf("peers: storing %s's bundle in ConfigMap %s/%s: %w", td, c.Namespace, c.Name, err)
 	}
@@ -81,34 +58,58 @@ func (c *ConfigMapStore) Save(ctx context.Context, td spiffeid.TrustDomain, bund
 
 // Prune removes every trust domain's key but keep's.
 func (c *ConfigMapStore) Prune(ctx context.Context, keep []spiffeid.TrustDomain) error {
+	err := c.update(ctx, false, func(data map[string]string) bool {
+		changed := false
+		for k := range data {
+			if td, err := spiffeid.TrustDomainFromString(k); err == nil && !slices.Contains(keep, td) {
+				delete(data, k)
+				changed = true
+			}
+		}
+		return changed
+	})
+	if err != nil {
+		return fmt.Errorf("peers: pruning ConfigMap %s/%s: %w", c.Namespace, c.Name, err)
+	}
+	return nil
+}
+
+// update applies change to the ConfigMap's data and writes it if change
+// says it changed; create makes a missing ConfigMap (else there is nothing
+// to change). A write that races another replica's is tried again on the
+// newer ConfigMap.
+func (c *ConfigMapStore) update(ctx context.Context, create bool, change func(map[string]string) bool) error {
 	cms := c.Client.ConfigMaps(c.Namespace)
 	var err error
 	for range 3 {
 		var cm *corev1.ConfigMap
 		cm, err = cms.Get(ctx, c.Name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
-			return nil
+			if !create {
+				return nil
+			}
+			cm = &corev1.ConfigMap{
+				ObjectMeta: metav1.ObjectMeta{Name: c.Name, Namespace: c.Namespace, Labels: map[string]string{"app.kubernetes.io/managed-by": "meshid-ca"}},
+				Data:       map[string]string{},
+			}
+			change(cm.Data)
+			if _, err = cms.Create(ctx, cm, metav1.CreateOptions{}); !apierrors.IsAlreadyExists(err) {
+				return err
+			}
+			continue
 		}
 		if err != nil {
-			break
+			return err
 		}
-		changed := false
-		for k := range cm.Data {
-			td, perr := spiffeid.TrustDomainFromString(k)
-			if perr == nil && !slices.Contains(keep, td) {
-				delete(cm.Data, k)
-				changed = true
-			}
+		if cm.Data == nil {
+			cm.Data = map[string]string{}
 		}
-		if !changed {
+		if !change(cm.Data) {
 			return nil
 		}
 		if _, err = cms.Update(ctx, cm, metav1.UpdateOptions{}); !apierrors.IsConflict(err) {
-			break
+			return err
 		}
 	}
-	if err != nil {
-		return fmt.Errorf("peers: pruning ConfigMap %s/%s: %w", c.Namespace, c.Name, err)
-	}
-	return nil
+	return err
 }
