@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the Go code of meshid's own gRPC API (ca/admin/adminpb) from
-# its .proto. The generated files are committed; this is needed only after
+# Regenerates the Go code of meshid's own gRPC APIs (ca/admin/adminpb,
+# ca/jwtsvid/jwtsvidpb) from their .proto files. The generated files are committed; this is needed only after
 # editing the .proto. Needs protoc (Debian: protobuf-compiler); the Go
 # plugins are installed from the module proxy at the pinned versions.
 set -euo pipefail
@@ -13,4 +13,4 @@ GOBIN=$bin go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
 PATH=$bin:$PATH protoc -I . -I /usr/include \
 	--go_out=. --go_opt=paths=source_relative \
 	--go-grpc_out=. --go-grpc_opt=paths=source_relative \
-	ca/admin/adminpb/admin.proto
+	ca/admin/adminpb/admin.proto ca/jwtsvid/jwtsvidpb/jwtsvid.proto
