@@ -9,6 +9,7 @@ import (
 // Metrics are the CA's Prometheus metrics.
 type Metrics struct {
 	requests     *prometheus.CounterVec
+	jwtRequests  *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
 	issuance     prometheus.Histogram
 	ledgerWrites prometheus.Histogram
@@ -27,6 +28,10 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_requests_total",
 			Help: "CreateCertificate requests by gRPC result code.",
+		}, []string{"code"}),
+		jwtRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshid_ca_jwt_svid_requests_total",
+			Help: "MintJWTSVID requests by gRPC result code.",
 		}, []string{"code"}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_auth_failures_total",
@@ -52,7 +57,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 		}, []string{"result"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_refusals_total",
-			Help: "CreateCertificate requests refused, by reason (no_token, an authentication reason, bad_identity, denied, rate_limited, bad_ttl, csr, impersonation, node_proxy_unavailable, not_ready, sign_failed, not_recorded); each counted whether or not it was logged.",
+			Help: "CreateCertificate and MintJWTSVID requests refused, by reason (no_token, an authentication reason, bad_identity, denied, rate_limited, bad_ttl, csr, impersonation, node_proxy_unavailable, not_ready, sign_failed, not_recorded; audience for MintJWTSVID); each counted whether or not it was logged.",
 		}, []string{"reason"}),
 		refusalLogsSuppressed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_refusal_logs_suppressed_total",
@@ -76,7 +81,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy, m.refusals, m.refusalLogsSuppressed,
+	reg.MustRegister(m.requests, m.jwtRequests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy, m.refusals, m.refusalLogsSuppressed,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

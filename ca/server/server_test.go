@@ -97,6 +97,7 @@ type envOptions struct {
 	noIssuer    bool
 	ledger      Recorder // nil: a SQLite ledger in a temporary directory
 	nodeProxies NodeProxies
+	jwt         JWTSigner // nil: MintJWTSVID not served
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -152,6 +153,9 @@ func newEnv(t testing.TB, o envOptions) *env {
 	servingAuthority, _ := ca.New(ca.Config{Issuers: fixedIssuer{is}})
 	serving := &ServingCertificate{Authority: servingAuthority, Issuers: fixedIssuer{is}, DNSNames: []string{"localhost", "istiod.istio-system.svc", "127.0.0.1", "::1"}}
 	srv, hs := NewGRPCServer(svc, TLSConfig(serving), 0)
+	if o.jwt != nil {
+		svc.JWT(o.jwt).Register(srv)
+	}
 	SetServing(hs, true)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

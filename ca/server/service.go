@@ -155,53 +155,16 @@ func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.Isti
 }
 
 func (s *CertificateService) createCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	token, err := k8sauth.BearerToken(md)
-	if err != nil {
-		s.metrics.authFailures.WithLabelValues("no_token").Inc()
-		s.refusals.refuse(s.log, slog.LevelWarn, "no_token", "request refused", "error", err)
-		return nil, status.Error(codes.Unauthenticated, msgNoToken)
-	}
-	claimed := clusterID(md)
-	caller, err := s.auth.Authenticate(k8sauth.WithCluster(k8sauth.WithPeer(ctx, peerAddress(ctx)), claimed), token)
-	if err != nil {
-		reason := k8sauth.Reason(err)
-		s.metrics.authFailures.WithLabelValues(reason).Inc()
-		s.refusals.refuse(s.log, slog.LevelWarn, reason, "authentication failed", "error", err)
-		if errors.Is(err, k8sauth.ErrUnavailable) {
-			return nil, status.Error(codes.Unavailable, msgAuthUnavailable)
-		}
-		return nil, status.Error(codes.Unauthenticated, msgAuthFailed)
-	}
-	id, err := caller.ID(s.td)
-	if err != nil {
-		s.refusals.refuse(s.log, slog.LevelWarn, "bad_identity", "authenticated caller has no valid SPIFFE ID", "namespace", caller.Namespace, "service_account", caller.ServiceAccount, "error", err)
-		return nil, status.Error(codes.Unauthenticated, msgAuthFailed)
-	}
-	log := s.log.With("spiffe_id", id.String(), "pod", podRef(caller))
-	// holder is the identity the certificate is for: the caller's own, or
-	// for a node proxy the workload's it names.
-	holder := nodeauth.Workload{ID: id, Namespace: caller.Namespace, ServiceAccount: caller.ServiceAccount}
-	var requestedBy string
+	var impersonated *string
 	if v, ok := req.GetMetadata().GetFields()["ImpersonatedIdentity"]; ok {
-		w, err := s.impersonate(caller, v.GetStringValue(), log)
-		if err != nil {
-			return nil, err
-		}
-		holder, requestedBy = w, id.String()
-		log = log.With("for", w.ID.String())
+		impersonated = ptr(v.GetStringValue())
 	}
-	defer s.denyList.Guard()()
-	if s.denied(holder.ID, requestedBy) {
-		s.refusals.refuse(log, slog.LevelWarn, "denied", "request refused")
-		return nil, status.Error(codes.PermissionDenied, msgDenied)
+	a, release, err := s.authorize(ctx, impersonated)
+	if err != nil {
+		return nil, err
 	}
-	if ok, scope := s.limiter.allow(limitKey(holder.ID, caller, requestedBy != ""), holder.Namespace); !ok {
-		s.metrics.rateLimited.WithLabelValues(scope).Inc()
-		s.refusals.refuse(log, slog.LevelWarn, "rate_limited", "request refused", "scope", scope)
-		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
-		return nil, status.Error(codes.ResourceExhausted, msg)
-	}
+	defer release()
+	holder, caller, requestedBy, claimed, log := a.holder, a.caller, a.requestedBy, a.claimed, a.log
 	ttl, err := requestedTTL(req.GetValidityDuration())
 	if err != nil {
 		s.refusals.refuse(log, slog.LevelWarn, "bad_ttl", "request refused", "error", err)
@@ -251,6 +214,78 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		"not_after", cert.Leaf.NotAfter.UTC(),
 		"auth", string(caller.Method))
 	return &pb.IstioCertificateResponse{CertChain: cert.ChainPEM}, nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// authorized is a caller found entitled to a credential.
+type authorized struct {
+	// holder is the identity the credential is for: the caller's own, or
+	// for a node proxy the workload's it names.
+	holder      nodeauth.Workload
+	caller      k8sauth.Caller
+	requestedBy string // the node proxy's ID, when it asks for another
+	claimed     string // the cluster ID the caller sent
+	log         *slog.Logger
+}
+
+// authorize authenticates the caller by its bearer token and decides
+// whether it may have a credential now: for itself, or (impersonated not
+// nil) for the workload a node proxy names; not denied, within the rate
+// limits. It returns the gRPC error to send when not. On success the deny
+// list's Guard is held until release is called.
+func (s *CertificateService) authorize(ctx context.Context, impersonated *string) (*authorized, func(), error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	token, err := k8sauth.BearerToken(md)
+	if err != nil {
+		s.metrics.authFailures.WithLabelValues("no_token").Inc()
+		s.refusals.refuse(s.log, slog.LevelWarn, "no_token", "request refused", "error", err)
+		return nil, nil, status.Error(codes.Unauthenticated, msgNoToken)
+	}
+	claimed := clusterID(md)
+	caller, err := s.auth.Authenticate(k8sauth.WithCluster(k8sauth.WithPeer(ctx, peerAddress(ctx)), claimed), token)
+	if err != nil {
+		reason := k8sauth.Reason(err)
+		s.metrics.authFailures.WithLabelValues(reason).Inc()
+		s.refusals.refuse(s.log, slog.LevelWarn, reason, "authentication failed", "error", err)
+		if errors.Is(err, k8sauth.ErrUnavailable) {
+			return nil, nil, status.Error(codes.Unavailable, msgAuthUnavailable)
+		}
+		return nil, nil, status.Error(codes.Unauthenticated, msgAuthFailed)
+	}
+	id, err := caller.ID(s.td)
+	if err != nil {
+		s.refusals.refuse(s.log, slog.LevelWarn, "bad_identity", "authenticated caller has no valid SPIFFE ID", "namespace", caller.Namespace, "service_account", caller.ServiceAccount, "error", err)
+		return nil, nil, status.Error(codes.Unauthenticated, msgAuthFailed)
+	}
+	a := &authorized{
+		holder:  nodeauth.Workload{ID: id, Namespace: caller.Namespace, ServiceAccount: caller.ServiceAccount},
+		caller:  caller,
+		claimed: claimed,
+		log:     s.log.With("spiffe_id", id.String(), "pod", podRef(caller)),
+	}
+	if impersonated != nil {
+		w, err := s.impersonate(caller, *impersonated, a.log)
+		if err != nil {
+			return nil, nil, err
+		}
+		a.holder, a.requestedBy = w, id.String()
+		a.log = a.log.With("for", w.ID.String())
+	}
+	release := s.denyList.Guard()
+	if s.denied(a.holder.ID, a.requestedBy) {
+		release()
+		s.refusals.refuse(a.log, slog.LevelWarn, "denied", "request refused")
+		return nil, nil, status.Error(codes.PermissionDenied, msgDenied)
+	}
+	if ok, scope := s.limiter.allow(limitKey(a.holder.ID, caller, a.requestedBy != ""), a.holder.Namespace); !ok {
+		release()
+		s.metrics.rateLimited.WithLabelValues(scope).Inc()
+		s.refusals.refuse(a.log, slog.LevelWarn, "rate_limited", "request refused", "scope", scope)
+		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
+		return nil, nil, status.Error(codes.ResourceExhausted, msg)
+	}
+	return a, release, nil
 }
 
 // impersonate decides a node proxy's request for the identity requested
