@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"crypto"
 	"crypto/x509"
 	"maps"
 	"slices"
@@ -19,6 +20,7 @@ type Bundle struct {
 	td        spiffeid.TrustDomain
 	roots     []*x509.Certificate
 	federated map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	jwt       map[string]crypto.PublicKey // own JWT-SVID keys, by kid
 	watch     watchers
 }
 
@@ -43,6 +45,35 @@ func (b *Bundle) Federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.federated
+}
+
+// JWTAuthorities returns the own trust domain's JWT-SVID keys by kid;
+// callers must not modify the map.
+func (b *Bundle) JWTAuthorities() map[string]crypto.PublicKey {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.jwt
+}
+
+// SetJWTAuthorities replaces the own trust domain's JWT-SVID keys,
+// announcing it only if they differ.
+func (b *Bundle) SetJWTAuthorities(keys map[string]crypto.PublicKey) {
+	next := maps.Clone(keys)
+	if len(next) == 0 {
+		next = nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if maps.EqualFunc(b.jwt, next, publicKeyEqual) {
+		return
+	}
+	b.jwt = next
+	b.watch.fire()
+}
+
+func publicKeyEqual(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
 }
 
 // Changed is closed at the next change; then call it again.

@@ -24,6 +24,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/jwtsvid/jwtsvidpb"
 )
 
 // NewCSR makes a PEM certificate request naming only id, signed by key.
@@ -163,12 +164,13 @@ func hostOf(addr string) string {
 // CAClient asks an Istio-compatible CA for certificates.
 type CAClient struct {
 	client    pb.IstioCertificateServiceClient
+	jwt       jwtsvidpb.JWTSVIDServiceClient
 	clusterID string
 }
 
 // NewCAClient uses conn; clusterID is sent as Istio's agent does (may be empty).
 func NewCAClient(conn grpc.ClientConnInterface, clusterID string) *CAClient {
-	return &CAClient{client: pb.NewIstioCertificateServiceClient(conn), clusterID: clusterID}
+	return &CAClient{client: pb.NewIstioCertificateServiceClient(conn), jwt: jwtsvidpb.NewJWTSVIDServiceClient(conn), clusterID: clusterID}
 }
 
 // Sign sends csrPEM with token as bearer credentials and returns the chain,

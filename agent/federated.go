@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -103,20 +102,12 @@ func LoadFederated(b *Bundle, path string, log *slog.Logger) {
 }
 
 func readFederated(path string, own spiffeid.TrustDomain) (map[spiffeid.TrustDomain]*spiffebundle.Bundle, []spiffeid.TrustDomain, error) {
-	f, err := os.Open(path)
+	data, err := readLimited(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return map[spiffeid.TrustDomain]*spiffebundle.Bundle{}, nil, nil
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("agent: federated bundles: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxBundlesFile+1))
-	if err != nil {
-		return nil, nil, fmt.Errorf("agent: federated bundles: %w", err)
-	}
-	if len(data) > maxBundlesFile {
-		return nil, nil, fmt.Errorf("agent: federated bundles: %s is over %d bytes", path, maxBundlesFile)
 	}
 	return ParseFederatedBundles(data, own)
 }

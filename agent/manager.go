@@ -171,7 +171,9 @@ type Observer interface {
 
 // Config configures a Manager.
 type Config struct {
-	Signer   Signer
+	Signer Signer
+	// JWT mints JWT-SVIDs; nil: none are served.
+	JWT      JWTMinter
 	KeyType  KeyType       // default ECDSAP256
 	TTL      time.Duration // asked of the CA; 0 lets the CA choose
 	Rotation Rotation      // default DefaultRotation
@@ -200,6 +202,7 @@ type Manager struct {
 	entries map[spiffeid.ID]*entry
 	wg      sync.WaitGroup
 	clock   *caClock
+	jwts    jwtCache
 }
 
 // NewManager checks cfg and fills in its defaults.

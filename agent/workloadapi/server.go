@@ -2,6 +2,7 @@ package workloadapi
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"log/slog"
 	"time"
@@ -26,11 +27,14 @@ type Resolver interface {
 type Bundle interface {
 	Roots() []*x509.Certificate
 	Federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	JWTAuthorities() map[string]crypto.PublicKey
 	Changed() <-chan struct{}
 }
 
-// Server serves FetchX509SVID and FetchX509Bundles, with the federated
-// trust domains' bundles beside the own one.
+// Server serves the SPIFFE Workload API: X.509-SVIDs and bundles
+// (FetchX509SVID, FetchX509Bundles), and JWT-SVIDs (FetchJWTSVID,
+// FetchJWTBundles, ValidateJWTSVID), with the federated trust domains'
+// bundles beside the own one.
 type Server struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 

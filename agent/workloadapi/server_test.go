@@ -37,7 +37,7 @@ func serve(t *testing.T, c *catest.CA, id spiffeid.ID, ttl time.Duration) string
 
 func serveBundle(t *testing.T, c *catest.CA, id spiffeid.ID, ttl time.Duration, bundle *agent.Bundle) string {
 	t.Helper()
-	m, err := agent.NewManager(agent.Config{Signer: c, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}})
+	m, err := agent.NewManager(agent.Config{Signer: c, JWT: jwtMinter{c}, TTL: ttl, Backoff: agent.Backoff{Initial: 100 * time.Millisecond, Max: time.Second}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,6 +31,10 @@ const (
 	// object of trust domain name to SPIFFE bundle, while meshid-ca
 	// federates; meshid-agent reads it beside the roots (agent.FederatedBundlesKey).
 	FederatedKey = "federated-bundles.json"
+	// JWTKey holds the trust domain's own JWT-SVID keys, a SPIFFE bundle
+	// (JWKS, use jwt-svid) that meshid-agent reads to validate JWT-SVIDs
+	// and serve FetchJWTBundles (agent.JWTBundleKey).
+	JWTKey = "jwt-bundle.json"
 )
 
 // managedBy labels the ConfigMaps meshid writes.
@@ -49,8 +53,11 @@ type ConfigMaps struct {
 	// Federated gives what to write under FederatedKey; nil, or empty
 	// bytes: the key is left out.
 	Federated func() []byte
-	Poll      time.Duration // how often Roots is compared with what was written; default 5s
-	Log       *slog.Logger
+	// JWT gives what to write under JWTKey; nil, or empty bytes: the key
+	// is left out.
+	JWT  func() []byte
+	Poll time.Duration // how often Roots is compared with what was written; default 5s
+	Log  *slog.Logger
 }
 
 // Run keeps the ConfigMaps until ctx ends.
@@ -112,24 +119,22 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 	}
 	log.Info("distributing the trust bundle", "configmap", name, "key", key)
 
-	// What the workers write; changed only between passes. bundle is the
-	// roots' PEM, federated the federated bundles (may be empty).
-	var bundle, federated []byte
-	current := func() ([]byte, []byte) {
+	// What the workers write; changed only between passes: the roots'
+	// PEM, and the federated bundles and JWT keys when there are any.
+	var want map[string]string
+	current := func() map[string]string {
 		var b bytes.Buffer
 		for _, r := range c.Roots() {
 			b.Write(ca.EncodePEM(r))
 		}
-		var f []byte
-		if c.Federated != nil {
-			f = c.Federated()
-		}
-		return b.Bytes(), f
-	}
-	wantData := func() map[string]string {
-		d := map[string]string{key: string(bundle)}
-		if len(federated) > 0 {
-			d[FederatedKey] = string(federated)
+		d := map[string]string{key: b.String()}
+		for k, f := range map[string]func() []byte{FederatedKey: c.Federated, JWTKey: c.JWT} {
+			if f == nil {
+				continue
+			}
+			if v := f(); len(v) > 0 {
+				d[k] = string(v)
+			}
 		}
 		return d
 	}
@@ -141,10 +146,9 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if len(bundle) == 0 {
+		if want[key] == "" {
 			return nil // no CA loaded yet: never write an empty bundle
 		}
-		want := wantData()
 		cm, err := configMaps.Lister().ConfigMaps(ns).Get(name)
 		switch {
 		case apierrors.IsNotFound(err):
@@ -180,7 +184,7 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 
 	// One goroutine both pulls work and watches the roots, so bundle only
 	// changes between items.
-	bundle, federated = current()
+	want = current()
 	for _, ns := range namespaces.Informer().GetStore().ListKeys() {
 		queue.Add(ns)
 	}
@@ -207,9 +211,9 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
-			if b, f := current(); !bytes.Equal(b, bundle) || !bytes.Equal(f, federated) {
-				bundle, federated = b, f
-				log.Info("trust bundle changed; rewriting it in every namespace", "roots", len(c.Roots()), "federated_bundles_bytes", len(f))
+			if d := current(); !maps.Equal(d, want) {
+				want = d
+				log.Info("trust bundle changed; rewriting it in every namespace", "roots", len(c.Roots()), "federated_bundles_bytes", len(d[FederatedKey]), "jwt_bundle_bytes", len(d[JWTKey]))
 				for _, ns := range namespaces.Informer().GetStore().ListKeys() {
 					queue.Add(ns)
 				}

@@ -1,6 +1,7 @@
 package distribute
 
 import (
+	"crypto"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -22,7 +23,10 @@ const DefaultRefreshHint = 5 * time.Minute
 type BundleSource struct {
 	TrustDomain spiffeid.TrustDomain
 	Roots       Roots
-	RefreshHint time.Duration // default DefaultRefreshHint
+	// JWTAuthorities gives the JWT-SVID keys to publish, by kid; nil:
+	// none.
+	JWTAuthorities func() map[string]crypto.PublicKey
+	RefreshHint    time.Duration // default DefaultRefreshHint
 }
 
 // GetBundleForTrustDomain returns the bundle of the source's own trust
@@ -36,6 +40,13 @@ func (b BundleSource) GetBundleForTrustDomain(td spiffeid.TrustDomain) (*spiffeb
 		return nil, errors.New("distribute: no CA loaded yet")
 	}
 	bundle := spiffebundle.FromX509Authorities(td, roots)
+	if b.JWTAuthorities != nil {
+		for kid, key := range b.JWTAuthorities() {
+			if err := bundle.AddJWTAuthority(kid, key); err != nil {
+				return nil, fmt.Errorf("distribute: JWT authority %s: %w", kid, err)
+			}
+		}
+	}
 	hint := b.RefreshHint
 	if hint <= 0 {
 		hint = DefaultRefreshHint

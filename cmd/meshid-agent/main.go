@@ -100,8 +100,10 @@ func run(ctx context.Context, o *options) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), version.Collector("meshid_agent"))
 	metrics := agent.NewMetrics(reg)
+	caClient := agent.NewCAClient(conn, o.clusterID)
 	m, err := agent.NewManager(agent.Config{
-		Signer:         agent.NewCAClient(conn, o.clusterID),
+		Signer:         caClient,
+		JWT:            caClient,
 		KeyType:        o.kt,
 		TTL:            o.certTTL,
 		Rotation:       agent.Rotation{Fraction: 0.5, Jitter: o.rotationJitter},
@@ -177,10 +179,9 @@ func run(ctx context.Context, o *options) error {
 		}
 		go agent.KeepFiles(ctx, self, o.outputDir, bundle.Roots, log)
 	}
-	if o.federatedFile != "" {
-		agent.LoadFederated(bundle, o.federatedFile, log)
-	}
-	go watchTrust(ctx, o.caRootFile, o.federatedFile, bundle, log)
+	trust := trustFiles{roots: o.caRootFile, federated: o.federatedFile, jwt: o.jwtBundleFile}
+	trust.load(bundle, log, false)
+	go trust.watch(ctx, bundle, log)
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
@@ -224,11 +225,35 @@ func run(ctx context.Context, o *options) error {
 	return err
 }
 
-// watchTrust reloads the trust bundle from rootPath and, unless empty,
-// the federated bundles from federatedPath every 5 s: kubelet updates a
-// mounted ConfigMap in place, within a minute of its change. A roots file
-// that does not parse is logged and ignored.
-func watchTrust(ctx context.Context, rootPath, federatedPath string, bundle *agent.Bundle, log *slog.Logger) {
+// trustFiles are where the trust bundle is read from: the roots and,
+// unless empty, the federated bundles and the own JWT-SVID keys (keys of
+// the trust bundle ConfigMap, mounted).
+type trustFiles struct {
+	roots, federated, jwt string
+}
+
+// load reads the files into bundle; the roots too when withRoots (they
+// are read at start, before anything can use them). A file that does not
+// parse is logged and changes nothing.
+func (f trustFiles) load(bundle *agent.Bundle, log *slog.Logger, withRoots bool) {
+	if withRoots {
+		if roots, err := readRoots(f.roots); err != nil {
+			log.Warn("trust bundle not reloaded", "error", err)
+		} else {
+			bundle.Set(roots)
+		}
+	}
+	if f.federated != "" {
+		agent.LoadFederated(bundle, f.federated, log)
+	}
+	if f.jwt != "" {
+		agent.LoadJWTBundle(bundle, f.jwt, log)
+	}
+}
+
+// watch reloads the files every 5 s: kubelet updates a mounted ConfigMap
+// in place, within a minute of its change.
+func (f trustFiles) watch(ctx context.Context, bundle *agent.Bundle, log *slog.Logger) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
 	for {
@@ -237,14 +262,7 @@ func watchTrust(ctx context.Context, rootPath, federatedPath string, bundle *age
 			return
 		case <-t.C:
 		}
-		if roots, err := readRoots(rootPath); err != nil {
-			log.Warn("trust bundle not reloaded", "error", err)
-		} else {
-			bundle.Set(roots)
-		}
-		if federatedPath != "" {
-			agent.LoadFederated(bundle, federatedPath, log)
-		}
+		f.load(bundle, log, true)
 	}
 }
 

@@ -25,6 +25,7 @@ type options struct {
 	caAddr         string
 	caRootFile     string
 	federatedFile  string
+	jwtBundleFile  string
 	caServerName   string
 	clusterID      string
 	trustDomain    string
@@ -78,6 +79,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.jwksFile, "jwks-file", "", "node mode with --auth=jwks: the token issuer's JWKS file")
 	fs.StringVar(&o.tokenIssuer, "token-issuer", "", "node mode with --auth=jwks: expected iss claim")
 	fs.StringVar(&o.caAddr, "ca-addr", "meshid-ca.meshid-system.svc:15012", "meshid-ca's gRPC address (TLS)")
+	fs.StringVar(&o.jwtBundleFile, "jwt-bundle-file", "", "the own trust domain's JWT-SVID keys: the "+agent.JWTBundleKey+" key meshid-ca adds to the trust bundle ConfigMap (a SPIFFE bundle); used by ValidateJWTSVID and served by FetchJWTBundles, reread every 5 s. Default: beside --ca-root-file; none: never read")
 	fs.StringVar(&o.federatedFile, "federated-bundles-file", "", "the federated trust domains' bundles: the "+agent.FederatedBundlesKey+" key meshid-ca adds to the trust bundle ConfigMap while it federates (a missing file is no federation); served to workloads over SDS and the Workload API, reread every 5 s. Default: beside --ca-root-file; none: never read")
 	fs.StringVar(&o.caRootFile, "ca-root-file", "./var/run/secrets/istio/root-cert.pem", "PEM roots the CA's certificate must chain to (the istio-ca-root-cert ConfigMap mount); also served as the trust bundle")
 	fs.StringVar(&o.caServerName, "ca-server-name", "", "name the CA's certificate must carry (default: the host of --ca-addr)")
@@ -155,6 +157,12 @@ func (o *options) complete() error {
 		o.federatedFile = filepath.Join(filepath.Dir(o.caRootFile), agent.FederatedBundlesKey)
 	case "none":
 		o.federatedFile = ""
+	}
+	switch o.jwtBundleFile {
+	case "":
+		o.jwtBundleFile = filepath.Join(filepath.Dir(o.caRootFile), agent.JWTBundleKey)
+	case "none":
+		o.jwtBundleFile = ""
 	}
 	if o.kt, err = agent.ParseKeyType(o.keyType); err != nil {
 		bad("--key-type: %v", err)

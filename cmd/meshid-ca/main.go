@@ -4,11 +4,11 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/meshid/meshid/ca/stepca"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
@@ -33,6 +34,7 @@ import (
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin"
 	"github.com/meshid/meshid/ca/distribute"
+	"github.com/meshid/meshid/ca/jwtsvid"
 	"github.com/meshid/meshid/ca/k8sauth"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
@@ -41,6 +43,7 @@ import (
 	"github.com/meshid/meshid/ca/peers"
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
+	"github.com/meshid/meshid/ca/stepca"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
 	"github.com/meshid/meshid/internal/version"
@@ -324,6 +327,44 @@ func run(ctx context.Context, o *options) error {
 	}
 	grpcServer, health := server.NewGRPCServer(svc, tlsConfig, o.maxMessageBytes)
 
+	jwtKeys, err := newJWTKeys(o, kube, log)
+	if err != nil {
+		return err
+	}
+	jwtAuthorities := func() map[string]crypto.PublicKey { return nil }
+	jwtBundle := func() []byte { return nil }
+	if jwtKeys != nil {
+		svc.JWT(jwtKeys).Register(grpcServer)
+		jwtAuthorities = jwtKeys.Published
+		jwtBundle = func() []byte {
+			b := spiffebundle.New(o.td)
+			for kid, key := range jwtKeys.Published() {
+				b.AddJWTAuthority(kid, key)
+			}
+			if len(b.JWTAuthorities()) == 0 {
+				return nil
+			}
+			data, err := peers.MarshalBundle(b)
+			if err != nil {
+				log.Error("encoding the JWT bundle failed", "error", err)
+				return nil
+			}
+			return data
+		}
+		go func() {
+			// MintJWTSVID answers Unavailable until the keys are loaded;
+			// X.509 issuance does not wait for them.
+			_, _, err := retry(ctx, log, "loading the JWT-SVID signing keys", func() (struct{}, bool, error) {
+				return struct{}{}, true, jwtKeys.Sync(ctx)
+			})
+			if err != nil {
+				return
+			}
+			log.Info("JWT-SVID signing keys loaded", "store", o.jwtKeys, "active_kid", jwtKeys.Active().ID, "published", len(jwtKeys.Published()))
+			jwtKeys.Run(ctx, o.caSync)
+		}()
+	}
+
 	started := time.Now()
 	ready := func() error {
 		if issuers.Issuer() == nil {
@@ -414,7 +455,7 @@ func run(ctx context.Context, o *options) error {
 	}
 	bundleAddr := ""
 	if o.bundleAddr != "" {
-		handler, err := federation.NewHandler(o.td, distribute.BundleSource{TrustDomain: o.td, Roots: roots})
+		handler, err := federation.NewHandler(o.td, distribute.BundleSource{TrustDomain: o.td, Roots: roots, JWTAuthorities: jwtAuthorities})
 		if err != nil {
 			return err
 		}
@@ -456,7 +497,7 @@ func run(ctx context.Context, o *options) error {
 		reg.MustRegister(leading)
 		leader := &distribute.Leader{Client: kube, Namespace: o.namespace, Lease: o.leaderLease, Identity: o.podName, Log: log,
 			OnChange: func(b bool) { leading.Set(map[bool]float64{true: 1}[b]) }}
-		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated}
+		cms := &distribute.ConfigMaps{Client: kube, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated, JWT: jwtBundle}
 		leaderDone := make(chan struct{})
 		go func() {
 			defer close(leaderDone)
@@ -467,7 +508,7 @@ func run(ctx context.Context, o *options) error {
 				if o.remoteBundles {
 					remotes.Each(ctx, func(ctx context.Context, id string, client kubernetes.Interface) {
 						log := log.With("cluster", id)
-						remote := &distribute.ConfigMaps{Client: client, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated}
+						remote := &distribute.ConfigMaps{Client: client, Name: o.bundleConfigMap, Log: log, Roots: roots, Federated: federated, JWT: jwtBundle}
 						if err := remote.Run(ctx); err != nil && ctx.Err() == nil {
 							log.Error("distributing the trust bundle to a remote cluster failed", "error", err)
 						}
@@ -708,6 +749,25 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 		}
 		backoff = min(2*backoff, 30*time.Second)
 	}
+}
+
+// newJWTKeys makes the JWT-SVID signing keys in the store --jwt-keys
+// names; nil with --jwt-keys=none.
+func newJWTKeys(o *options, kube kubernetes.Interface, log *slog.Logger) (*jwtsvid.Keys, error) {
+	var store jwtsvid.Store
+	switch o.jwtKeys {
+	case jwtKeysNone:
+		log.Info("JWT-SVIDs not issued (--jwt-keys=none)")
+		return nil, nil
+	case jwtKeysSecret:
+		store = &jwtsvid.Secret{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.jwtKeysSecret}
+	case jwtKeysDir:
+		if err := os.MkdirAll(o.stateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("--state-dir: %w", err)
+		}
+		store = &jwtsvid.File{Path: filepath.Join(o.stateDir, jwtKeysFile)}
+	}
+	return jwtsvid.New(jwtsvid.Config{Store: store, Policy: o.jwtPolicy(), TTL: o.jwtTTL, Log: log.With("component", "jwt-keys")})
 }
 
 // newAuthenticator builds how tokens are checked (--auth), behind the token

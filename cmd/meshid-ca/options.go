@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/jwtsvid"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/nodeauth"
@@ -122,6 +123,12 @@ type options struct {
 	bundleAddr      string
 	bundleID        string
 
+	jwtKeys        string
+	jwtKeysSecret  string
+	jwtKeyRotation time.Duration
+	jwtTTL         time.Duration
+	jwtMaxTTL      time.Duration
+
 	bundleSPIFFEID spiffeid.ID
 	// Filled in by complete.
 	td        spiffeid.TrustDomain
@@ -203,6 +210,11 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
 	fs.StringVar(&o.federationFile, "federation-file", "", "YAML file of the trust domains to federate with, each's bundle fetched from its SPIFFE bundle endpoint and kept fresh (federatesWith: a list in the shape of SPIRE's ClusterFederatedTrustDomain spec: trustDomain, bundleEndpointURL, bundleEndpointProfile {type: https_web|https_spiffe, endpointSPIFFEID}, trustDomainBundle); empty: none")
 	fs.StringVar(&o.federationConfigMap, "federation-configmap", "meshid-federated-bundles", "ConfigMap in --namespace where the last good bundle of each federated trust domain is kept across restarts and replicas; empty: not kept")
+	fs.StringVar(&o.jwtKeys, "jwt-keys", jwtKeysAuto, "where meshid-ca's JWT-SVID signing keys are kept: secret (--jwt-keys-secret, which replicas share), dir (--state-dir/"+jwtKeysFile+", one replica), none (no JWT-SVIDs), or auto: secret when meshid-ca talks to the API server, else dir")
+	fs.StringVar(&o.jwtKeysSecret, "jwt-keys-secret", "meshid-ca-jwt-keys", "Secret in --namespace holding the JWT-SVID signing keys with --jwt-keys=secret; created on first start")
+	fs.DurationVar(&o.jwtKeyRotation, "jwt-key-rotation", jwtsvid.DefaultRotation, "how long each JWT-SVID signing key signs; its successor is published half of that before it takes over")
+	fs.DurationVar(&o.jwtTTL, "jwt-svid-ttl", jwtsvid.DefaultTTL, "lifetime of a JWT-SVID when the request names none (the Workload API names none)")
+	fs.DurationVar(&o.jwtMaxTTL, "jwt-svid-max-ttl", jwtsvid.DefaultMaxTTL, "longest JWT-SVID lifetime granted; longer requests are clamped")
 	fs.StringVar(&o.podName, "pod-name", "", "this replica's name in leader election (default: the host name, which is the pod's name)")
 	fs.Float64Var(&o.rateLimit, "rate-limit", 20, "certificates per second per pod (the one the token is bound to; per identity for tokens bound to no pod), sustained; 0 disables")
 	fs.IntVar(&o.rateBurst, "rate-burst", 200, "certificates per pod allowed at once above --rate-limit")
@@ -448,6 +460,31 @@ func (o *options) complete() error {
 			bad("--bundle-endpoint-id: %v", err)
 		}
 	}
+	switch o.jwtKeys {
+	case jwtKeysAuto:
+		switch {
+		case o.needsKube():
+			o.jwtKeys = jwtKeysSecret
+		case o.stateDir != "":
+			o.jwtKeys = jwtKeysDir
+		default:
+			o.jwtKeys = jwtKeysNone
+		}
+	case jwtKeysSecret, jwtKeysDir, jwtKeysNone:
+	default:
+		bad("--jwt-keys must be auto, secret, dir or none, not %q", o.jwtKeys)
+	}
+	switch {
+	case o.jwtKeys == jwtKeysSecret && o.jwtKeysSecret == "":
+		bad("--jwt-keys-secret is required with --jwt-keys=secret")
+	case o.jwtKeys == jwtKeysDir && o.stateDir == "":
+		bad("--state-dir is required with --jwt-keys=dir")
+	}
+	if o.jwtKeys != jwtKeysNone {
+		if _, err := jwtsvid.New(jwtsvid.Config{Store: &jwtsvid.File{}, Policy: o.jwtPolicy(), TTL: o.jwtTTL}); err != nil {
+			bad("--jwt-key-rotation, --jwt-svid-ttl, --jwt-svid-max-ttl: %v", err)
+		}
+	}
 	if o.podName == "" {
 		if h, err := os.Hostname(); err == nil {
 			o.podName = h
@@ -464,9 +501,22 @@ func (o *options) complete() error {
 	return errors.Join(errs...)
 }
 
+// Where the JWT-SVID signing keys are kept (--jwt-keys).
+const (
+	jwtKeysAuto   = "auto"
+	jwtKeysSecret = "secret"
+	jwtKeysDir    = "dir"
+	jwtKeysNone   = "none"
+	jwtKeysFile   = "jwt-keys.json"
+)
+
+func (o *options) jwtPolicy() jwtsvid.Policy {
+	return jwtsvid.Policy{Rotation: o.jwtKeyRotation, MaxTTL: o.jwtMaxTTL}
+}
+
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != ""
+	return o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != "" || o.jwtKeys == jwtKeysSecret
 }
 
 func (o *options) limits() server.Limits {

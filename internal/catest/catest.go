@@ -10,6 +10,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/csr"
+	"github.com/meshid/meshid/ca/jwtsvid"
 	"github.com/meshid/meshid/ca/keys"
 )
 
@@ -31,6 +33,7 @@ type CA struct {
 
 	authority *ca.Authority
 	root      *x509.Certificate
+	jwt       *jwtsvid.Keys
 	mu        sync.Mutex
 	down      bool
 	calls     int
@@ -60,7 +63,54 @@ func NewIn(t testing.TB, td string) *CA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &CA{authority: a, root: is.Root()}
+	jwtKeys, err := jwtsvid.New(jwtsvid.Config{
+		Store:  &jwtsvid.File{Path: filepath.Join(t.TempDir(), "jwt-keys.json")},
+		Policy: jwtsvid.Policy{Rotation: 24 * time.Hour, MaxTTL: time.Hour},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := jwtKeys.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return &CA{authority: a, root: is.Root(), jwt: jwtKeys}
+}
+
+// JWTAuthorities are the CA's JWT-SVID keys, by kid.
+func (c *CA) JWTAuthorities() map[string]crypto.PublicKey { return c.jwt.Published() }
+
+// SignJWT signs a JWT-SVID for the SPIFFE ID in token, as MintJWTSVID
+// does.
+func (c *CA) SignJWT(token string, audience []string) (*jwtsvid.SVID, error) {
+	id, err := c.caller(token)
+	if err != nil {
+		return nil, err
+	}
+	s, err := c.jwt.Sign(id, audience, 0)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return s, nil
+}
+
+// caller counts a request and says who token proves, or why not.
+func (c *CA) caller(token string) (spiffeid.ID, error) {
+	c.mu.Lock()
+	c.calls++
+	down := c.down
+	c.mu.Unlock()
+	if down {
+		return spiffeid.ID{}, status.Error(codes.Unavailable, "ca down")
+	}
+	identify := c.Identify
+	if identify == nil {
+		identify = spiffeid.FromString
+	}
+	id, err := identify(token)
+	if err != nil {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "bad token")
+	}
+	return id, nil
 }
 
 // IssueFor signs a fresh P-256 key's certificate for id, an hour long,
@@ -98,20 +148,9 @@ func (c *CA) Calls() int {
 // Sign issues a certificate for the SPIFFE ID in token, leaf first and root
 // last, as CreateCertificate answers.
 func (c *CA) Sign(ctx context.Context, csrPEM []byte, token string, ttl time.Duration) ([]*x509.Certificate, error) {
-	c.mu.Lock()
-	c.calls++
-	down := c.down
-	c.mu.Unlock()
-	if down {
-		return nil, status.Error(codes.Unavailable, "ca down")
-	}
-	identify := c.Identify
-	if identify == nil {
-		identify = spiffeid.FromString
-	}
-	id, err := identify(token)
+	id, err := c.caller(token)
 	if err != nil {
-		return nil, status.Error(codes.Unauthenticated, "bad token")
+		return nil, err
 	}
 	pub, err := csr.Validate(csrPEM, id)
 	if err != nil {
