@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
@@ -485,6 +486,20 @@ func run(ctx context.Context, o *options) error {
 		log.Info("federating", "trust_domains", len(o.peers), "stored_in", o.federationConfigMap)
 	}
 
+	if kube == nil && o.stateDir != "" {
+		// No ConfigMaps without an API server: agents on this machine read
+		// what the ConfigMaps would carry beside the roots from the state
+		// directory.
+		go keepTrustFiles(ctx, o.stateDir, map[string]func() []byte{
+			distribute.FederatedKey: func() []byte {
+				if federated == nil {
+					return nil
+				}
+				return federated()
+			},
+			distribute.JWTKey: jwtBundle,
+		}, log)
+	}
 	switch {
 	case o.bundleConfigMap == "":
 	case kube == nil:
@@ -749,6 +764,71 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 		}
 		backoff = min(2*backoff, 30*time.Second)
 	}
+}
+
+// keepTrustFiles keeps a file in dir for each of files, rewritten when its
+// content changes and removed while it has none, until ctx ends.
+func keepTrustFiles(ctx context.Context, dir string, files map[string]func() []byte, log *slog.Logger) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		log.Error("trust bundle files not written", "error", err)
+		return
+	}
+	written := map[string][]byte{}
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for first := true; ; first = false {
+		for name, content := range files {
+			data, path := content(), filepath.Join(dir, name)
+			if old, ok := written[name]; ok && bytes.Equal(old, data) {
+				continue
+			}
+			var err error
+			if len(data) == 0 {
+				if err = os.Remove(path); errors.Is(err, os.ErrNotExist) {
+					err = nil
+				}
+			} else {
+				err = writeFileAtomic(path, data, 0o644)
+			}
+			if err != nil {
+				log.Error("writing a trust bundle file failed", "file", path, "error", err)
+				continue
+			}
+			if !first || len(data) > 0 {
+				log.Info("trust bundle file written", "file", path, "bytes", len(data))
+			}
+			written[name] = data
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// writeFileAtomic replaces path with data, so readers see the old file or
+// the new one, never a part.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Chmod(mode)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
 }
 
 // newJWTKeys makes the JWT-SVID signing keys in the store --jwt-keys

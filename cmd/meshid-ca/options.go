@@ -17,6 +17,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/meshid/meshid/ca"
+	"github.com/meshid/meshid/ca/distribute"
 	"github.com/meshid/meshid/ca/jwtsvid"
 	"github.com/meshid/meshid/ca/keys"
 	"github.com/meshid/meshid/ca/ledger"
@@ -162,7 +163,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.stepRootFile, "step-root-file", "", "with --ca-source=step, step-ca's root certificate (PEM): trusted for step-ca's TLS and the mesh's root")
 	fs.StringVar(&o.stepProvisioner, "step-provisioner", "meshid", "with --ca-source=step, the name of step-ca's JWK provisioner meshid uses (its X.509 template must allow a path-length-0 CA name constrained to the trust domain: deploy/step-ca.md)")
 	fs.StringVar(&o.stepPassFile, "step-password-file", "", "with --ca-source=step, a file holding the provisioner's password (a mounted Secret)")
-	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/meshid", "state directory for --ca-source=dir; created with mode 0700")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/meshid", "state directory for --ca-source=dir and --jwt-keys=dir; without an API server, meshid-ca also writes there what the trust bundle ConfigMaps would carry beside the roots, for agents on the machine ("+distribute.FederatedKey+", "+distribute.JWTKey+"); created with mode 0700")
 	fs.StringVar(&o.namespace, "namespace", "", "the CA's namespace, for --ca-source=secret and the default DNS names (default: the pod's namespace, else meshid-system)")
 	fs.StringVar(&o.secretName, "secret-name", "meshid-ca", "Secret holding the CA for --ca-source=secret")
 	fs.StringVar(&o.pluginDir, "plugin-dir", "/etc/cacerts", "directory with ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem for --ca-source=plugin")

@@ -63,6 +63,7 @@ func (m *mesh) run(ctx context.Context) error {
 	cmd := exec.Command(filepath.Join(m.binDir, "meshid-agent"), "--mode=node",
 		"--auth=jwks", "--jwks-file="+m.jwksPath, "--token-issuer="+issuerURL,
 		"--ca-addr="+m.caAddr, "--ca-server-name=localhost", "--ca-root-file="+m.rootFile,
+		"--jwt-bundle-file="+filepath.Join(filepath.Dir(filepath.Dir(m.rootFile)), "jwt-bundle.json"),
 		"--sds-socket="+socket, "--socket-mode=0600", "--http-addr=127.0.0.1:0",
 		"--cert-ttl="+m.certTTL.String(), "--log-format=text")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
