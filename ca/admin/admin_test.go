@@ -262,6 +262,10 @@ func TestRefusesNonAdmins(t *testing.T) {
 					return err
 				},
 				"GetBundle": func() error { _, err := tc.client.GetBundle(ctx(t), &adminpb.GetBundleRequest{}); return err },
+				"ListFederatedBundles": func() error {
+					_, err := tc.client.ListFederatedBundles(ctx(t), &adminpb.ListFederatedBundlesRequest{})
+					return err
+				},
 				"GetStatus": func() error { _, err := tc.client.GetStatus(ctx(t), &adminpb.GetStatusRequest{}); return err },
 				"GetCertificate": func() error {
 					_, err := tc.client.GetCertificate(ctx(t), &adminpb.GetCertificateRequest{Serial: "1"})

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"log/slog"
@@ -12,11 +13,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshid/meshid/ca"
 	"github.com/meshid/meshid/ca/admin/adminpb"
 	"github.com/meshid/meshid/ca/ledger"
+	"github.com/meshid/meshid/ca/peers"
 	"github.com/meshid/meshid/ca/rotation"
 )
 
@@ -34,8 +37,13 @@ type Config struct {
 	// Renewal, when set, says when the intermediate is due for renewal and
 	// why the last attempt failed (nil: it did not).
 	Renewal func() (due time.Time, lastErr error)
-	Log     *slog.Logger
-	Now     func() time.Time // nil: time.Now
+	// JWTAuthorities gives the JWT-SVID keys published now, by kid; nil:
+	// none.
+	JWTAuthorities func() map[string]crypto.PublicKey
+	// Federation gives the federated trust domains' state; nil: none.
+	Federation func(now time.Time) []peers.Status
+	Log        *slog.Logger
+	Now        func() time.Time // nil: time.Now
 }
 
 // Server implements adminpb.AdminServer.
@@ -226,7 +234,56 @@ func (s *Server) GetBundle(context.Context, *adminpb.GetBundleRequest) (*adminpb
 	for _, r := range is.Roots() {
 		b.Roots = append(b.Roots, r.Raw)
 	}
+	if s.cfg.JWTAuthorities != nil {
+		for kid, key := range s.cfg.JWTAuthorities() {
+			der, err := x509.MarshalPKIXPublicKey(key)
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "JWT authority %s: %v", kid, err)
+			}
+			if b.JwtAuthorities == nil {
+				b.JwtAuthorities = map[string][]byte{}
+			}
+			b.JwtAuthorities[kid] = der
+		}
+	}
 	return b, nil
+}
+
+func (s *Server) ListFederatedBundles(context.Context, *adminpb.ListFederatedBundlesRequest) (*adminpb.ListFederatedBundlesResponse, error) {
+	resp := &adminpb.ListFederatedBundlesResponse{}
+	if s.cfg.Federation == nil {
+		return resp, nil
+	}
+	for _, st := range s.cfg.Federation(s.cfg.Now()) {
+		fb := &adminpb.FederatedBundle{
+			TrustDomain:       st.TrustDomain.Name(),
+			BundleEndpointUrl: st.Peer.URL,
+			Profile:           string(st.Peer.Profile),
+			Source:            st.From,
+			Refresh:           durationpb.New(st.Refresh),
+			Stale:             st.Stale,
+		}
+		if !st.Peer.EndpointID.IsZero() {
+			fb.EndpointSpiffeId = st.Peer.EndpointID.String()
+		}
+		if !st.FetchedAt.IsZero() {
+			fb.FetchedAt = timestamppb.New(st.FetchedAt)
+		}
+		if st.LastError != nil {
+			fb.LastError = st.LastError.Error()
+		}
+		if st.Bundle != nil {
+			data, err := peers.MarshalBundle(st.Bundle)
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "bundle of %s: %v", st.TrustDomain, err)
+			}
+			fb.Bundle = data
+			fb.X509Authorities = int32(len(st.Bundle.X509Authorities()))
+			fb.JwtAuthorities = int32(len(st.Bundle.JWTAuthorities()))
+		}
+		resp.Bundles = append(resp.Bundles, fb)
+	}
+	return resp, nil
 }
 
 func (s *Server) GetStatus(ctx context.Context, _ *adminpb.GetStatusRequest) (*adminpb.Status, error) {

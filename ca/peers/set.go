@@ -53,6 +53,7 @@ type Config struct {
 // Status is what the Set knows of one peer.
 type Status struct {
 	TrustDomain spiffeid.TrustDomain
+	Peer        Peer                 // as configured
 	Bundle      *spiffebundle.Bundle // nil: none yet
 	From        string               // "endpoint", "store" or "bootstrap"
 	FetchedAt   time.Time            // of the last good fetch; zero if none since start
@@ -84,7 +85,7 @@ func NewSet(cfg Config) (*Set, error) {
 		if _, dup := s.state[p.TrustDomain]; dup {
 			return nil, fmt.Errorf("peers: %s listed twice", p.TrustDomain)
 		}
-		st := &Status{TrustDomain: p.TrustDomain, Refresh: DefaultRefresh}
+		st := &Status{TrustDomain: p.TrustDomain, Peer: p, Refresh: DefaultRefresh}
 		if p.Bootstrap != nil {
 			st.Bundle, st.From = p.Bootstrap, "bootstrap"
 		}

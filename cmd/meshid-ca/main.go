@@ -415,21 +415,41 @@ func run(ctx context.Context, o *options) error {
 	go func() { errc <- grpcServer.Serve(grpcLis) }()
 	go func() { errc <- httpServer.Serve(httpLis) }()
 
+	var (
+		federated        func() []byte                  // the peers' bundles for the agents, beside the roots
+		federationStatus func(time.Time) []peers.Status // their state, for the admin API
+	)
+	if len(o.peers) > 0 {
+		cfg := peers.Config{Peers: o.peers, Log: log.With("component", "federation"), Registerer: reg}
+		if kube != nil && o.federationConfigMap != "" {
+			cfg.Store = &peers.ConfigMapStore{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.federationConfigMap}
+		}
+		set, err := peers.NewSet(cfg)
+		if err != nil {
+			return err
+		}
+		go set.Run(ctx)
+		federated, federationStatus = set.ForAgents, set.Status
+		log.Info("federating", "trust_domains", len(o.peers), "stored_in", o.federationConfigMap)
+	}
+
 	var adminServer *grpc.Server
 	adminAddr := ""
 	if o.serveAdmin() {
 		adm, err := admin.New(admin.Config{
-			Ledger:      led,
-			LedgerKind:  o.ledger,
-			DenyList:    denyList,
-			Issuers:     &issuers,
-			Serving:     func() (*x509.Certificate, error) { c, err := serving.Certificate(); return leafOf(c), err },
-			TrustDomain: o.td,
-			CASource:    o.caSource,
-			Renewal:     func() (time.Time, error) { return issuers.RenewAt(), renewState.lastErr() },
-			Admins:      &admin.Admins{IDs: o.admins, Issued: led, ServiceAccounts: o.adminSAs, Auth: authn},
-			Rotator:     rotator,
-			Log:         log,
+			JWTAuthorities: jwtAuthorities,
+			Federation:     federationStatus,
+			Ledger:         led,
+			LedgerKind:     o.ledger,
+			DenyList:       denyList,
+			Issuers:        &issuers,
+			Serving:        func() (*x509.Certificate, error) { c, err := serving.Certificate(); return leafOf(c), err },
+			TrustDomain:    o.td,
+			CASource:       o.caSource,
+			Renewal:        func() (time.Time, error) { return issuers.RenewAt(), renewState.lastErr() },
+			Admins:         &admin.Admins{IDs: o.admins, Issued: led, ServiceAccounts: o.adminSAs, Auth: authn},
+			Rotator:        rotator,
+			Log:            log,
 		})
 		if err != nil {
 			return err
@@ -469,21 +489,6 @@ func run(ctx context.Context, o *options) error {
 		bundleServer := distribute.NewEndpointServer(handler, svid.GetCertificate)
 		go func() { errc <- bundleServer.ServeTLS(lis, "", "") }()
 		defer bundleServer.Close()
-	}
-
-	var federated func() []byte // the peers' bundles for the agents, beside the roots
-	if len(o.peers) > 0 {
-		cfg := peers.Config{Peers: o.peers, Log: log.With("component", "federation"), Registerer: reg}
-		if kube != nil && o.federationConfigMap != "" {
-			cfg.Store = &peers.ConfigMapStore{Client: kube.CoreV1(), Namespace: o.namespace, Name: o.federationConfigMap}
-		}
-		set, err := peers.NewSet(cfg)
-		if err != nil {
-			return err
-		}
-		go set.Run(ctx)
-		federated = set.ForAgents
-		log.Info("federating", "trust_domains", len(o.peers), "stored_in", o.federationConfigMap)
 	}
 
 	if kube == nil && o.stateDir != "" {

@@ -81,6 +81,7 @@ do not change the exit code.`,
 		now := time.Now()
 		var r checkReport
 		roots := checkCA(ctx, &r, &sf, client, now, warnWithin)
+		checkFederation(ctx, &r, client, now)
 		if agentSocket != "" {
 			checkAgent(ctx, &r, agentSocket, agentTokenFile, roots, now, sf.timeout)
 		}
@@ -174,6 +175,41 @@ func checkRotation(ctx context.Context, r *checkReport, client adminpb.AdminClie
 		next = "waits for " + strings.Join(waiting, ", ")
 	}
 	r.add("meshid-ca", "root rotation", checkWarn, "under way at stage %s; %s %s (meshidctl root status)", rot.GetStage(), rot.GetNextStep(), next)
+}
+
+// checkFederation reports each federated trust domain: a stale bundle (no
+// good fetch for 3 refresh intervals) is a warning, since it is still
+// trusted but may lack the peer's new keys; none held at all fails, since
+// the peer's workloads are then refused.
+func checkFederation(ctx context.Context, r *checkReport, client adminpb.AdminClient, now time.Time) {
+	resp, err := client.ListFederatedBundles(ctx, &adminpb.ListFederatedBundlesRequest{})
+	if err != nil {
+		r.add("federation", "federated bundles", checkWarn, "cannot read: %v", status.Convert(err).Message())
+		return
+	}
+	checkFederationBundles(r, resp.GetBundles(), now)
+}
+
+func checkFederationBundles(r *checkReport, bundles []*adminpb.FederatedBundle, now time.Time) {
+	for _, b := range bundles {
+		name := b.GetTrustDomain()
+		fetched := "never fetched since meshid-ca started"
+		if t := b.GetFetchedAt(); t != nil {
+			fetched = "last fetched " + humanDuration(now.Sub(t.AsTime())) + " ago"
+		}
+		why := ""
+		if e := b.GetLastError(); e != "" {
+			why = "; last error: " + e
+		}
+		switch {
+		case len(b.GetBundle()) == 0:
+			r.add("federation", name, checkFail, "%s: no bundle held, its workloads are refused; %s%s", name, fetched, why)
+		case b.GetStale():
+			r.add("federation", name, checkWarn, "%s: bundle stale (still trusted, from %s): %s, refresh every %s%s", name, b.GetSource(), fetched, humanDuration(b.GetRefresh().AsDuration()), why)
+		default:
+			r.add("federation", name, checkOK, "%s: bundle fresh, %s, %d X.509 and %d JWT keys", name, fetched, b.GetX509Authorities(), b.GetJwtAuthorities())
+		}
+	}
 }
 
 // checkAgent asks the agent for its workload certificate over SDS and

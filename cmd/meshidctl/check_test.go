@@ -44,3 +44,23 @@ func TestCheckRenewal(t *testing.T) {
 		t.Errorf("a plug-in CA (no due time): %+v", r.Checks)
 	}
 }
+
+func TestCheckFederation(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		name   string
+		b      *adminpb.FederatedBundle
+		result string
+		says   string
+	}{
+		{"fresh", &adminpb.FederatedBundle{TrustDomain: "a.example", Bundle: []byte("{}"), FetchedAt: timestamppb.New(now.Add(-time.Minute)), X509Authorities: 1}, checkOK, "a.example: bundle fresh, last fetched 60s ago"},
+		{"stale", &adminpb.FederatedBundle{TrustDomain: "b.example", Bundle: []byte("{}"), Stale: true, Source: "store", LastError: "connection refused"}, checkWarn, "still trusted, from store): never fetched since meshid-ca started, refresh every 0s; last error: connection refused"},
+		{"none", &adminpb.FederatedBundle{TrustDomain: "c.example", Stale: true, LastError: "no route"}, checkFail, "c.example: no bundle held"},
+	} {
+		var r checkReport
+		checkFederationBundles(&r, []*adminpb.FederatedBundle{tc.b}, now)
+		if len(r.Checks) != 1 || r.Checks[0].Result != tc.result || !strings.Contains(r.Checks[0].Message, tc.says) {
+			t.Errorf("%s: %+v, want %s saying %q", tc.name, r.Checks, tc.result, tc.says)
+		}
+	}
+}

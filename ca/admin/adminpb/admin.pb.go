@@ -816,11 +816,13 @@ func (*GetBundleRequest) Descriptor() ([]byte, []int) {
 }
 
 type Bundle struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
-	Roots         [][]byte               `protobuf:"bytes,2,rep,name=roots,proto3" json:"roots,omitempty"` // DER
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	Roots       [][]byte               `protobuf:"bytes,2,rep,name=roots,proto3" json:"roots,omitempty"` // DER
+	// The JWT-SVID keys published now: kid to PKIX public key (DER).
+	JwtAuthorities map[string][]byte `protobuf:"bytes,3,rep,name=jwt_authorities,json=jwtAuthorities,proto3" json:"jwt_authorities,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Bundle) Reset() {
@@ -867,6 +869,230 @@ func (x *Bundle) GetRoots() [][]byte {
 	return nil
 }
 
+func (x *Bundle) GetJwtAuthorities() map[string][]byte {
+	if x != nil {
+		return x.JwtAuthorities
+	}
+	return nil
+}
+
+type ListFederatedBundlesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListFederatedBundlesRequest) Reset() {
+	*x = ListFederatedBundlesRequest{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFederatedBundlesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFederatedBundlesRequest) ProtoMessage() {}
+
+func (x *ListFederatedBundlesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFederatedBundlesRequest.ProtoReflect.Descriptor instead.
+func (*ListFederatedBundlesRequest) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{13}
+}
+
+type ListFederatedBundlesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bundles       []*FederatedBundle     `protobuf:"bytes,1,rep,name=bundles,proto3" json:"bundles,omitempty"` // sorted by trust domain
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListFederatedBundlesResponse) Reset() {
+	*x = ListFederatedBundlesResponse{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFederatedBundlesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFederatedBundlesResponse) ProtoMessage() {}
+
+func (x *ListFederatedBundlesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFederatedBundlesResponse.ProtoReflect.Descriptor instead.
+func (*ListFederatedBundlesResponse) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ListFederatedBundlesResponse) GetBundles() []*FederatedBundle {
+	if x != nil {
+		return x.Bundles
+	}
+	return nil
+}
+
+type FederatedBundle struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain       string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	BundleEndpointUrl string                 `protobuf:"bytes,2,opt,name=bundle_endpoint_url,json=bundleEndpointUrl,proto3" json:"bundle_endpoint_url,omitempty"`
+	Profile           string                 `protobuf:"bytes,3,opt,name=profile,proto3" json:"profile,omitempty"`                                             // https_web or https_spiffe
+	EndpointSpiffeId  string                 `protobuf:"bytes,4,opt,name=endpoint_spiffe_id,json=endpointSpiffeId,proto3" json:"endpoint_spiffe_id,omitempty"` // https_spiffe
+	// The bundle held (a SPIFFE bundle, JSON); empty when none yet.
+	Bundle []byte `protobuf:"bytes,5,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// Where it came from: endpoint, store (kept from before a restart or by
+	// another replica) or bootstrap (the configured trustDomainBundle).
+	Source string `protobuf:"bytes,6,opt,name=source,proto3" json:"source,omitempty"`
+	// The last good fetch since this replica started; unset if none.
+	FetchedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=fetched_at,json=fetchedAt,proto3" json:"fetched_at,omitempty"`
+	LastError string                 `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"` // of the last fetch; empty when it was good
+	Refresh   *durationpb.Duration   `protobuf:"bytes,9,opt,name=refresh,proto3" json:"refresh,omitempty"`                      // the fetch interval in effect
+	// No good fetch for 3 refresh intervals; the bundle is still trusted.
+	Stale           bool  `protobuf:"varint,10,opt,name=stale,proto3" json:"stale,omitempty"`
+	X509Authorities int32 `protobuf:"varint,11,opt,name=x509_authorities,json=x509Authorities,proto3" json:"x509_authorities,omitempty"`
+	JwtAuthorities  int32 `protobuf:"varint,12,opt,name=jwt_authorities,json=jwtAuthorities,proto3" json:"jwt_authorities,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *FederatedBundle) Reset() {
+	*x = FederatedBundle{}
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederatedBundle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederatedBundle) ProtoMessage() {}
+
+func (x *FederatedBundle) ProtoReflect() protoreflect.Message {
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederatedBundle.ProtoReflect.Descriptor instead.
+func (*FederatedBundle) Descriptor() ([]byte, []int) {
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *FederatedBundle) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetBundleEndpointUrl() string {
+	if x != nil {
+		return x.BundleEndpointUrl
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetProfile() string {
+	if x != nil {
+		return x.Profile
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetEndpointSpiffeId() string {
+	if x != nil {
+		return x.EndpointSpiffeId
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetBundle() []byte {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+func (x *FederatedBundle) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetFetchedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FetchedAt
+	}
+	return nil
+}
+
+func (x *FederatedBundle) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *FederatedBundle) GetRefresh() *durationpb.Duration {
+	if x != nil {
+		return x.Refresh
+	}
+	return nil
+}
+
+func (x *FederatedBundle) GetStale() bool {
+	if x != nil {
+		return x.Stale
+	}
+	return false
+}
+
+func (x *FederatedBundle) GetX509Authorities() int32 {
+	if x != nil {
+		return x.X509Authorities
+	}
+	return 0
+}
+
+func (x *FederatedBundle) GetJwtAuthorities() int32 {
+	if x != nil {
+		return x.JwtAuthorities
+	}
+	return 0
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -875,7 +1101,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[13]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +1113,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[13]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +1126,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{13}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{16}
 }
 
 type Status struct {
@@ -923,7 +1149,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[14]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -935,7 +1161,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[14]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -948,7 +1174,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{14}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Status) GetReady() bool {
@@ -1026,7 +1252,7 @@ type CACertificate struct {
 
 func (x *CACertificate) Reset() {
 	*x = CACertificate{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[15]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1038,7 +1264,7 @@ func (x *CACertificate) String() string {
 func (*CACertificate) ProtoMessage() {}
 
 func (x *CACertificate) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[15]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1051,7 +1277,7 @@ func (x *CACertificate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CACertificate.ProtoReflect.Descriptor instead.
 func (*CACertificate) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{15}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CACertificate) GetSubject() string {
@@ -1093,7 +1319,7 @@ type LedgerStatus struct {
 
 func (x *LedgerStatus) Reset() {
 	*x = LedgerStatus{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[16]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1331,7 @@ func (x *LedgerStatus) String() string {
 func (*LedgerStatus) ProtoMessage() {}
 
 func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[16]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1344,7 @@ func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerStatus.ProtoReflect.Descriptor instead.
 func (*LedgerStatus) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{16}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *LedgerStatus) GetDriver() string {
@@ -1150,7 +1376,7 @@ type GetRootRotationRequest struct {
 
 func (x *GetRootRotationRequest) Reset() {
 	*x = GetRootRotationRequest{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1162,7 +1388,7 @@ func (x *GetRootRotationRequest) String() string {
 func (*GetRootRotationRequest) ProtoMessage() {}
 
 func (x *GetRootRotationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[17]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1175,7 +1401,7 @@ func (x *GetRootRotationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRootRotationRequest.ProtoReflect.Descriptor instead.
 func (*GetRootRotationRequest) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{17}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{20}
 }
 
 type AdvanceRootRotationRequest struct {
@@ -1188,7 +1414,7 @@ type AdvanceRootRotationRequest struct {
 
 func (x *AdvanceRootRotationRequest) Reset() {
 	*x = AdvanceRootRotationRequest{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1200,7 +1426,7 @@ func (x *AdvanceRootRotationRequest) String() string {
 func (*AdvanceRootRotationRequest) ProtoMessage() {}
 
 func (x *AdvanceRootRotationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[18]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1213,7 +1439,7 @@ func (x *AdvanceRootRotationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdvanceRootRotationRequest.ProtoReflect.Descriptor instead.
 func (*AdvanceRootRotationRequest) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{18}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AdvanceRootRotationRequest) GetFromStage() string {
@@ -1239,7 +1465,7 @@ type AbortRootRotationRequest struct {
 
 func (x *AbortRootRotationRequest) Reset() {
 	*x = AbortRootRotationRequest{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1477,7 @@ func (x *AbortRootRotationRequest) String() string {
 func (*AbortRootRotationRequest) ProtoMessage() {}
 
 func (x *AbortRootRotationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[19]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1490,7 @@ func (x *AbortRootRotationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRootRotationRequest.ProtoReflect.Descriptor instead.
 func (*AbortRootRotationRequest) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{19}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AbortRootRotationRequest) GetFromStage() string {
@@ -1294,7 +1520,7 @@ type RootRotation struct {
 
 func (x *RootRotation) Reset() {
 	*x = RootRotation{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1306,7 +1532,7 @@ func (x *RootRotation) String() string {
 func (*RootRotation) ProtoMessage() {}
 
 func (x *RootRotation) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[20]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1319,7 +1545,7 @@ func (x *RootRotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RootRotation.ProtoReflect.Descriptor instead.
 func (*RootRotation) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{20}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RootRotation) GetStage() string {
@@ -1404,7 +1630,7 @@ type RotationCheck struct {
 
 func (x *RotationCheck) Reset() {
 	*x = RotationCheck{}
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1416,7 +1642,7 @@ func (x *RotationCheck) String() string {
 func (*RotationCheck) ProtoMessage() {}
 
 func (x *RotationCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[21]
+	mi := &file_ca_admin_adminpb_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1429,7 +1655,7 @@ func (x *RotationCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationCheck.ProtoReflect.Descriptor instead.
 func (*RotationCheck) Descriptor() ([]byte, []int) {
-	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{21}
+	return file_ca_admin_adminpb_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotationCheck) GetName() string {
@@ -1529,10 +1755,33 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\x15AllowIdentityResponse\x12\x1d\n" +
 	"\n" +
 	"was_denied\x18\x01 \x01(\bR\twasDenied\"\x12\n" +
-	"\x10GetBundleRequest\"A\n" +
+	"\x10GetBundleRequest\"\xda\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12\x14\n" +
-	"\x05roots\x18\x02 \x03(\fR\x05roots\"\x12\n" +
+	"\x05roots\x18\x02 \x03(\fR\x05roots\x12T\n" +
+	"\x0fjwt_authorities\x18\x03 \x03(\v2+.meshid.admin.v1.Bundle.JwtAuthoritiesEntryR\x0ejwtAuthorities\x1aA\n" +
+	"\x13JwtAuthoritiesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"\x1d\n" +
+	"\x1bListFederatedBundlesRequest\"Z\n" +
+	"\x1cListFederatedBundlesResponse\x12:\n" +
+	"\abundles\x18\x01 \x03(\v2 .meshid.admin.v1.FederatedBundleR\abundles\"\xd5\x03\n" +
+	"\x0fFederatedBundle\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12.\n" +
+	"\x13bundle_endpoint_url\x18\x02 \x01(\tR\x11bundleEndpointUrl\x12\x18\n" +
+	"\aprofile\x18\x03 \x01(\tR\aprofile\x12,\n" +
+	"\x12endpoint_spiffe_id\x18\x04 \x01(\tR\x10endpointSpiffeId\x12\x16\n" +
+	"\x06bundle\x18\x05 \x01(\fR\x06bundle\x12\x16\n" +
+	"\x06source\x18\x06 \x01(\tR\x06source\x129\n" +
+	"\n" +
+	"fetched_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tfetchedAt\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\b \x01(\tR\tlastError\x123\n" +
+	"\arefresh\x18\t \x01(\v2\x19.google.protobuf.DurationR\arefresh\x12\x14\n" +
+	"\x05stale\x18\n" +
+	" \x01(\bR\x05stale\x12)\n" +
+	"\x10x509_authorities\x18\v \x01(\x05R\x0fx509Authorities\x12'\n" +
+	"\x0fjwt_authorities\x18\f \x01(\x05R\x0ejwtAuthorities\"\x12\n" +
 	"\x10GetStatusRequest\"\xdb\x03\n" +
 	"\x06Status\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12!\n" +
@@ -1581,14 +1830,15 @@ const file_ca_admin_adminpb_admin_proto_rawDesc = "" +
 	"\x06passed\x18\x02 \x01(\bR\x06passed\x12\x16\n" +
 	"\x06detail\x18\x03 \x01(\tR\x06detail\x12;\n" +
 	"\vexpected_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expectedAt2\x89\a\n" +
+	"expectedAt2\xfe\a\n" +
 	"\x05Admin\x12a\n" +
 	"\x0eListIdentities\x12&.meshid.admin.v1.ListIdentitiesRequest\x1a'.meshid.admin.v1.ListIdentitiesResponse\x12g\n" +
 	"\x10ListCertificates\x12(.meshid.admin.v1.ListCertificatesRequest\x1a).meshid.admin.v1.ListCertificatesResponse\x12V\n" +
 	"\x0eGetCertificate\x12&.meshid.admin.v1.GetCertificateRequest\x1a\x1c.meshid.admin.v1.Certificate\x12M\n" +
 	"\fDenyIdentity\x12$.meshid.admin.v1.DenyIdentityRequest\x1a\x17.meshid.admin.v1.Denial\x12^\n" +
 	"\rAllowIdentity\x12%.meshid.admin.v1.AllowIdentityRequest\x1a&.meshid.admin.v1.AllowIdentityResponse\x12G\n" +
-	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\x17.meshid.admin.v1.Bundle\x12G\n" +
+	"\tGetBundle\x12!.meshid.admin.v1.GetBundleRequest\x1a\x17.meshid.admin.v1.Bundle\x12s\n" +
+	"\x14ListFederatedBundles\x12,.meshid.admin.v1.ListFederatedBundlesRequest\x1a-.meshid.admin.v1.ListFederatedBundlesResponse\x12G\n" +
 	"\tGetStatus\x12!.meshid.admin.v1.GetStatusRequest\x1a\x17.meshid.admin.v1.Status\x12Y\n" +
 	"\x0fGetRootRotation\x12'.meshid.admin.v1.GetRootRotationRequest\x1a\x1d.meshid.admin.v1.RootRotation\x12a\n" +
 	"\x13AdvanceRootRotation\x12+.meshid.admin.v1.AdvanceRootRotationRequest\x1a\x1d.meshid.admin.v1.RootRotation\x12]\n" +
@@ -1606,86 +1856,96 @@ func file_ca_admin_adminpb_admin_proto_rawDescGZIP() []byte {
 	return file_ca_admin_adminpb_admin_proto_rawDescData
 }
 
-var file_ca_admin_adminpb_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_ca_admin_adminpb_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_ca_admin_adminpb_admin_proto_goTypes = []any{
-	(*Certificate)(nil),                // 0: meshid.admin.v1.Certificate
-	(*ListCertificatesRequest)(nil),    // 1: meshid.admin.v1.ListCertificatesRequest
-	(*ListCertificatesResponse)(nil),   // 2: meshid.admin.v1.ListCertificatesResponse
-	(*GetCertificateRequest)(nil),      // 3: meshid.admin.v1.GetCertificateRequest
-	(*Identity)(nil),                   // 4: meshid.admin.v1.Identity
-	(*ListIdentitiesRequest)(nil),      // 5: meshid.admin.v1.ListIdentitiesRequest
-	(*ListIdentitiesResponse)(nil),     // 6: meshid.admin.v1.ListIdentitiesResponse
-	(*Denial)(nil),                     // 7: meshid.admin.v1.Denial
-	(*DenyIdentityRequest)(nil),        // 8: meshid.admin.v1.DenyIdentityRequest
-	(*AllowIdentityRequest)(nil),       // 9: meshid.admin.v1.AllowIdentityRequest
-	(*AllowIdentityResponse)(nil),      // 10: meshid.admin.v1.AllowIdentityResponse
-	(*GetBundleRequest)(nil),           // 11: meshid.admin.v1.GetBundleRequest
-	(*Bundle)(nil),                     // 12: meshid.admin.v1.Bundle
-	(*GetStatusRequest)(nil),           // 13: meshid.admin.v1.GetStatusRequest
-	(*Status)(nil),                     // 14: meshid.admin.v1.Status
-	(*CACertificate)(nil),              // 15: meshid.admin.v1.CACertificate
-	(*LedgerStatus)(nil),               // 16: meshid.admin.v1.LedgerStatus
-	(*GetRootRotationRequest)(nil),     // 17: meshid.admin.v1.GetRootRotationRequest
-	(*AdvanceRootRotationRequest)(nil), // 18: meshid.admin.v1.AdvanceRootRotationRequest
-	(*AbortRootRotationRequest)(nil),   // 19: meshid.admin.v1.AbortRootRotationRequest
-	(*RootRotation)(nil),               // 20: meshid.admin.v1.RootRotation
-	(*RotationCheck)(nil),              // 21: meshid.admin.v1.RotationCheck
-	(*timestamppb.Timestamp)(nil),      // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 23: google.protobuf.Duration
+	(*Certificate)(nil),                  // 0: meshid.admin.v1.Certificate
+	(*ListCertificatesRequest)(nil),      // 1: meshid.admin.v1.ListCertificatesRequest
+	(*ListCertificatesResponse)(nil),     // 2: meshid.admin.v1.ListCertificatesResponse
+	(*GetCertificateRequest)(nil),        // 3: meshid.admin.v1.GetCertificateRequest
+	(*Identity)(nil),                     // 4: meshid.admin.v1.Identity
+	(*ListIdentitiesRequest)(nil),        // 5: meshid.admin.v1.ListIdentitiesRequest
+	(*ListIdentitiesResponse)(nil),       // 6: meshid.admin.v1.ListIdentitiesResponse
+	(*Denial)(nil),                       // 7: meshid.admin.v1.Denial
+	(*DenyIdentityRequest)(nil),          // 8: meshid.admin.v1.DenyIdentityRequest
+	(*AllowIdentityRequest)(nil),         // 9: meshid.admin.v1.AllowIdentityRequest
+	(*AllowIdentityResponse)(nil),        // 10: meshid.admin.v1.AllowIdentityResponse
+	(*GetBundleRequest)(nil),             // 11: meshid.admin.v1.GetBundleRequest
+	(*Bundle)(nil),                       // 12: meshid.admin.v1.Bundle
+	(*ListFederatedBundlesRequest)(nil),  // 13: meshid.admin.v1.ListFederatedBundlesRequest
+	(*ListFederatedBundlesResponse)(nil), // 14: meshid.admin.v1.ListFederatedBundlesResponse
+	(*FederatedBundle)(nil),              // 15: meshid.admin.v1.FederatedBundle
+	(*GetStatusRequest)(nil),             // 16: meshid.admin.v1.GetStatusRequest
+	(*Status)(nil),                       // 17: meshid.admin.v1.Status
+	(*CACertificate)(nil),                // 18: meshid.admin.v1.CACertificate
+	(*LedgerStatus)(nil),                 // 19: meshid.admin.v1.LedgerStatus
+	(*GetRootRotationRequest)(nil),       // 20: meshid.admin.v1.GetRootRotationRequest
+	(*AdvanceRootRotationRequest)(nil),   // 21: meshid.admin.v1.AdvanceRootRotationRequest
+	(*AbortRootRotationRequest)(nil),     // 22: meshid.admin.v1.AbortRootRotationRequest
+	(*RootRotation)(nil),                 // 23: meshid.admin.v1.RootRotation
+	(*RotationCheck)(nil),                // 24: meshid.admin.v1.RotationCheck
+	nil,                                  // 25: meshid.admin.v1.Bundle.JwtAuthoritiesEntry
+	(*timestamppb.Timestamp)(nil),        // 26: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 27: google.protobuf.Duration
 }
 var file_ca_admin_adminpb_admin_proto_depIdxs = []int32{
-	22, // 0: meshid.admin.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
-	22, // 1: meshid.admin.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
-	22, // 2: meshid.admin.v1.Certificate.issued_at:type_name -> google.protobuf.Timestamp
-	22, // 3: meshid.admin.v1.ListCertificatesRequest.issued_since:type_name -> google.protobuf.Timestamp
-	23, // 4: meshid.admin.v1.ListCertificatesRequest.expiring_within:type_name -> google.protobuf.Duration
+	26, // 0: meshid.admin.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
+	26, // 1: meshid.admin.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
+	26, // 2: meshid.admin.v1.Certificate.issued_at:type_name -> google.protobuf.Timestamp
+	26, // 3: meshid.admin.v1.ListCertificatesRequest.issued_since:type_name -> google.protobuf.Timestamp
+	27, // 4: meshid.admin.v1.ListCertificatesRequest.expiring_within:type_name -> google.protobuf.Duration
 	0,  // 5: meshid.admin.v1.ListCertificatesResponse.certificates:type_name -> meshid.admin.v1.Certificate
-	22, // 6: meshid.admin.v1.Identity.last_issued:type_name -> google.protobuf.Timestamp
-	22, // 7: meshid.admin.v1.Identity.soonest_expiry:type_name -> google.protobuf.Timestamp
+	26, // 6: meshid.admin.v1.Identity.last_issued:type_name -> google.protobuf.Timestamp
+	26, // 7: meshid.admin.v1.Identity.soonest_expiry:type_name -> google.protobuf.Timestamp
 	7,  // 8: meshid.admin.v1.Identity.denial:type_name -> meshid.admin.v1.Denial
 	4,  // 9: meshid.admin.v1.ListIdentitiesResponse.identities:type_name -> meshid.admin.v1.Identity
-	22, // 10: meshid.admin.v1.Denial.denied_at:type_name -> google.protobuf.Timestamp
-	15, // 11: meshid.admin.v1.Status.root:type_name -> meshid.admin.v1.CACertificate
-	15, // 12: meshid.admin.v1.Status.intermediate:type_name -> meshid.admin.v1.CACertificate
-	15, // 13: meshid.admin.v1.Status.serving:type_name -> meshid.admin.v1.CACertificate
-	16, // 14: meshid.admin.v1.Status.ledger:type_name -> meshid.admin.v1.LedgerStatus
-	22, // 15: meshid.admin.v1.Status.intermediate_renewal_due:type_name -> google.protobuf.Timestamp
-	22, // 16: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
-	22, // 17: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
-	21, // 18: meshid.admin.v1.RootRotation.checks:type_name -> meshid.admin.v1.RotationCheck
-	15, // 19: meshid.admin.v1.RootRotation.roots:type_name -> meshid.admin.v1.CACertificate
-	15, // 20: meshid.admin.v1.RootRotation.signing_root:type_name -> meshid.admin.v1.CACertificate
-	15, // 21: meshid.admin.v1.RootRotation.next_root:type_name -> meshid.admin.v1.CACertificate
-	15, // 22: meshid.admin.v1.RootRotation.old_roots:type_name -> meshid.admin.v1.CACertificate
-	22, // 23: meshid.admin.v1.RootRotation.started_at:type_name -> google.protobuf.Timestamp
-	22, // 24: meshid.admin.v1.RootRotation.distributed_at:type_name -> google.protobuf.Timestamp
-	22, // 25: meshid.admin.v1.RootRotation.switched_at:type_name -> google.protobuf.Timestamp
-	22, // 26: meshid.admin.v1.RotationCheck.expected_at:type_name -> google.protobuf.Timestamp
-	5,  // 27: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
-	1,  // 28: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
-	3,  // 29: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
-	8,  // 30: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
-	9,  // 31: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
-	11, // 32: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
-	13, // 33: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
-	17, // 34: meshid.admin.v1.Admin.GetRootRotation:input_type -> meshid.admin.v1.GetRootRotationRequest
-	18, // 35: meshid.admin.v1.Admin.AdvanceRootRotation:input_type -> meshid.admin.v1.AdvanceRootRotationRequest
-	19, // 36: meshid.admin.v1.Admin.AbortRootRotation:input_type -> meshid.admin.v1.AbortRootRotationRequest
-	6,  // 37: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
-	2,  // 38: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
-	0,  // 39: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
-	7,  // 40: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
-	10, // 41: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
-	12, // 42: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
-	14, // 43: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
-	20, // 44: meshid.admin.v1.Admin.GetRootRotation:output_type -> meshid.admin.v1.RootRotation
-	20, // 45: meshid.admin.v1.Admin.AdvanceRootRotation:output_type -> meshid.admin.v1.RootRotation
-	20, // 46: meshid.admin.v1.Admin.AbortRootRotation:output_type -> meshid.admin.v1.RootRotation
-	37, // [37:47] is the sub-list for method output_type
-	27, // [27:37] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	26, // 10: meshid.admin.v1.Denial.denied_at:type_name -> google.protobuf.Timestamp
+	25, // 11: meshid.admin.v1.Bundle.jwt_authorities:type_name -> meshid.admin.v1.Bundle.JwtAuthoritiesEntry
+	15, // 12: meshid.admin.v1.ListFederatedBundlesResponse.bundles:type_name -> meshid.admin.v1.FederatedBundle
+	26, // 13: meshid.admin.v1.FederatedBundle.fetched_at:type_name -> google.protobuf.Timestamp
+	27, // 14: meshid.admin.v1.FederatedBundle.refresh:type_name -> google.protobuf.Duration
+	18, // 15: meshid.admin.v1.Status.root:type_name -> meshid.admin.v1.CACertificate
+	18, // 16: meshid.admin.v1.Status.intermediate:type_name -> meshid.admin.v1.CACertificate
+	18, // 17: meshid.admin.v1.Status.serving:type_name -> meshid.admin.v1.CACertificate
+	19, // 18: meshid.admin.v1.Status.ledger:type_name -> meshid.admin.v1.LedgerStatus
+	26, // 19: meshid.admin.v1.Status.intermediate_renewal_due:type_name -> google.protobuf.Timestamp
+	26, // 20: meshid.admin.v1.CACertificate.not_before:type_name -> google.protobuf.Timestamp
+	26, // 21: meshid.admin.v1.CACertificate.not_after:type_name -> google.protobuf.Timestamp
+	24, // 22: meshid.admin.v1.RootRotation.checks:type_name -> meshid.admin.v1.RotationCheck
+	18, // 23: meshid.admin.v1.RootRotation.roots:type_name -> meshid.admin.v1.CACertificate
+	18, // 24: meshid.admin.v1.RootRotation.signing_root:type_name -> meshid.admin.v1.CACertificate
+	18, // 25: meshid.admin.v1.RootRotation.next_root:type_name -> meshid.admin.v1.CACertificate
+	18, // 26: meshid.admin.v1.RootRotation.old_roots:type_name -> meshid.admin.v1.CACertificate
+	26, // 27: meshid.admin.v1.RootRotation.started_at:type_name -> google.protobuf.Timestamp
+	26, // 28: meshid.admin.v1.RootRotation.distributed_at:type_name -> google.protobuf.Timestamp
+	26, // 29: meshid.admin.v1.RootRotation.switched_at:type_name -> google.protobuf.Timestamp
+	26, // 30: meshid.admin.v1.RotationCheck.expected_at:type_name -> google.protobuf.Timestamp
+	5,  // 31: meshid.admin.v1.Admin.ListIdentities:input_type -> meshid.admin.v1.ListIdentitiesRequest
+	1,  // 32: meshid.admin.v1.Admin.ListCertificates:input_type -> meshid.admin.v1.ListCertificatesRequest
+	3,  // 33: meshid.admin.v1.Admin.GetCertificate:input_type -> meshid.admin.v1.GetCertificateRequest
+	8,  // 34: meshid.admin.v1.Admin.DenyIdentity:input_type -> meshid.admin.v1.DenyIdentityRequest
+	9,  // 35: meshid.admin.v1.Admin.AllowIdentity:input_type -> meshid.admin.v1.AllowIdentityRequest
+	11, // 36: meshid.admin.v1.Admin.GetBundle:input_type -> meshid.admin.v1.GetBundleRequest
+	13, // 37: meshid.admin.v1.Admin.ListFederatedBundles:input_type -> meshid.admin.v1.ListFederatedBundlesRequest
+	16, // 38: meshid.admin.v1.Admin.GetStatus:input_type -> meshid.admin.v1.GetStatusRequest
+	20, // 39: meshid.admin.v1.Admin.GetRootRotation:input_type -> meshid.admin.v1.GetRootRotationRequest
+	21, // 40: meshid.admin.v1.Admin.AdvanceRootRotation:input_type -> meshid.admin.v1.AdvanceRootRotationRequest
+	22, // 41: meshid.admin.v1.Admin.AbortRootRotation:input_type -> meshid.admin.v1.AbortRootRotationRequest
+	6,  // 42: meshid.admin.v1.Admin.ListIdentities:output_type -> meshid.admin.v1.ListIdentitiesResponse
+	2,  // 43: meshid.admin.v1.Admin.ListCertificates:output_type -> meshid.admin.v1.ListCertificatesResponse
+	0,  // 44: meshid.admin.v1.Admin.GetCertificate:output_type -> meshid.admin.v1.Certificate
+	7,  // 45: meshid.admin.v1.Admin.DenyIdentity:output_type -> meshid.admin.v1.Denial
+	10, // 46: meshid.admin.v1.Admin.AllowIdentity:output_type -> meshid.admin.v1.AllowIdentityResponse
+	12, // 47: meshid.admin.v1.Admin.GetBundle:output_type -> meshid.admin.v1.Bundle
+	14, // 48: meshid.admin.v1.Admin.ListFederatedBundles:output_type -> meshid.admin.v1.ListFederatedBundlesResponse
+	17, // 49: meshid.admin.v1.Admin.GetStatus:output_type -> meshid.admin.v1.Status
+	23, // 50: meshid.admin.v1.Admin.GetRootRotation:output_type -> meshid.admin.v1.RootRotation
+	23, // 51: meshid.admin.v1.Admin.AdvanceRootRotation:output_type -> meshid.admin.v1.RootRotation
+	23, // 52: meshid.admin.v1.Admin.AbortRootRotation:output_type -> meshid.admin.v1.RootRotation
+	42, // [42:53] is the sub-list for method output_type
+	31, // [31:42] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_ca_admin_adminpb_admin_proto_init() }
@@ -1699,7 +1959,7 @@ func file_ca_admin_adminpb_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ca_admin_adminpb_admin_proto_rawDesc), len(file_ca_admin_adminpb_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

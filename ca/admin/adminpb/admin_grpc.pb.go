@@ -24,16 +24,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_ListIdentities_FullMethodName      = "/meshid.admin.v1.Admin/ListIdentities"
-	Admin_ListCertificates_FullMethodName    = "/meshid.admin.v1.Admin/ListCertificates"
-	Admin_GetCertificate_FullMethodName      = "/meshid.admin.v1.Admin/GetCertificate"
-	Admin_DenyIdentity_FullMethodName        = "/meshid.admin.v1.Admin/DenyIdentity"
-	Admin_AllowIdentity_FullMethodName       = "/meshid.admin.v1.Admin/AllowIdentity"
-	Admin_GetBundle_FullMethodName           = "/meshid.admin.v1.Admin/GetBundle"
-	Admin_GetStatus_FullMethodName           = "/meshid.admin.v1.Admin/GetStatus"
-	Admin_GetRootRotation_FullMethodName     = "/meshid.admin.v1.Admin/GetRootRotation"
-	Admin_AdvanceRootRotation_FullMethodName = "/meshid.admin.v1.Admin/AdvanceRootRotation"
-	Admin_AbortRootRotation_FullMethodName   = "/meshid.admin.v1.Admin/AbortRootRotation"
+	Admin_ListIdentities_FullMethodName       = "/meshid.admin.v1.Admin/ListIdentities"
+	Admin_ListCertificates_FullMethodName     = "/meshid.admin.v1.Admin/ListCertificates"
+	Admin_GetCertificate_FullMethodName       = "/meshid.admin.v1.Admin/GetCertificate"
+	Admin_DenyIdentity_FullMethodName         = "/meshid.admin.v1.Admin/DenyIdentity"
+	Admin_AllowIdentity_FullMethodName        = "/meshid.admin.v1.Admin/AllowIdentity"
+	Admin_GetBundle_FullMethodName            = "/meshid.admin.v1.Admin/GetBundle"
+	Admin_ListFederatedBundles_FullMethodName = "/meshid.admin.v1.Admin/ListFederatedBundles"
+	Admin_GetStatus_FullMethodName            = "/meshid.admin.v1.Admin/GetStatus"
+	Admin_GetRootRotation_FullMethodName      = "/meshid.admin.v1.Admin/GetRootRotation"
+	Admin_AdvanceRootRotation_FullMethodName  = "/meshid.admin.v1.Admin/AdvanceRootRotation"
+	Admin_AbortRootRotation_FullMethodName    = "/meshid.admin.v1.Admin/AbortRootRotation"
 )
 
 // AdminClient is the client API for Admin service.
@@ -49,8 +50,11 @@ type AdminClient interface {
 	// No more issuance or renewal for the identity until allowed again.
 	DenyIdentity(ctx context.Context, in *DenyIdentityRequest, opts ...grpc.CallOption) (*Denial, error)
 	AllowIdentity(ctx context.Context, in *AllowIdentityRequest, opts ...grpc.CallOption) (*AllowIdentityResponse, error)
-	// The roots workloads must trust now.
+	// The roots workloads must trust now, and the JWT-SVID keys.
 	GetBundle(ctx context.Context, in *GetBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
+	// The bundles of the trust domains meshid-ca federates with, and how
+	// fresh each is.
+	ListFederatedBundles(ctx context.Context, in *ListFederatedBundlesRequest, opts ...grpc.CallOption) (*ListFederatedBundlesResponse, error)
 	// The CA's health: keys, certificates and their lifetimes, ledger.
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*Status, error)
 	// Where a root rotation stands and what its next step waits for.
@@ -131,6 +135,16 @@ func (c *adminClient) GetBundle(ctx context.Context, in *GetBundleRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) ListFederatedBundles(ctx context.Context, in *ListFederatedBundlesRequest, opts ...grpc.CallOption) (*ListFederatedBundlesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListFederatedBundlesResponse)
+	err := c.cc.Invoke(ctx, Admin_ListFederatedBundles_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*Status, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Status)
@@ -184,8 +198,11 @@ type AdminServer interface {
 	// No more issuance or renewal for the identity until allowed again.
 	DenyIdentity(context.Context, *DenyIdentityRequest) (*Denial, error)
 	AllowIdentity(context.Context, *AllowIdentityRequest) (*AllowIdentityResponse, error)
-	// The roots workloads must trust now.
+	// The roots workloads must trust now, and the JWT-SVID keys.
 	GetBundle(context.Context, *GetBundleRequest) (*Bundle, error)
+	// The bundles of the trust domains meshid-ca federates with, and how
+	// fresh each is.
+	ListFederatedBundles(context.Context, *ListFederatedBundlesRequest) (*ListFederatedBundlesResponse, error)
 	// The CA's health: keys, certificates and their lifetimes, ledger.
 	GetStatus(context.Context, *GetStatusRequest) (*Status, error)
 	// Where a root rotation stands and what its next step waits for.
@@ -223,6 +240,9 @@ func (UnimplementedAdminServer) AllowIdentity(context.Context, *AllowIdentityReq
 }
 func (UnimplementedAdminServer) GetBundle(context.Context, *GetBundleRequest) (*Bundle, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetBundle not implemented")
+}
+func (UnimplementedAdminServer) ListFederatedBundles(context.Context, *ListFederatedBundlesRequest) (*ListFederatedBundlesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListFederatedBundles not implemented")
 }
 func (UnimplementedAdminServer) GetStatus(context.Context, *GetStatusRequest) (*Status, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
@@ -365,6 +385,24 @@ func _Admin_GetBundle_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ListFederatedBundles_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListFederatedBundlesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListFederatedBundles(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListFederatedBundles_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListFederatedBundles(ctx, req.(*ListFederatedBundlesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetStatusRequest)
 	if err := dec(in); err != nil {
@@ -467,6 +505,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetBundle",
 			Handler:    _Admin_GetBundle_Handler,
+		},
+		{
+			MethodName: "ListFederatedBundles",
+			Handler:    _Admin_ListFederatedBundles_Handler,
 		},
 		{
 			MethodName: "GetStatus",
