@@ -255,8 +255,12 @@ func TestSPIRE(t *testing.T) {
 	// the other side's workload.
 	meshServer := tlsServer(t, tlsconfig.MTLSServerConfig(meshSrc, meshSrc, tlsconfig.AuthorizeID(spireID)))
 	spireServer := tlsServer(t, tlsconfig.MTLSServerConfig(spireSrc, spireSrc, tlsconfig.AuthorizeID(meshID)))
-	meshToSPIRE := func() error { return tlsCall(spireServer.addr, tlsconfig.MTLSClientConfig(meshSrc, meshSrc, tlsconfig.AuthorizeID(spireID))) }
-	spireToMesh := func() error { return tlsCall(meshServer.addr, tlsconfig.MTLSClientConfig(spireSrc, spireSrc, tlsconfig.AuthorizeID(meshID))) }
+	meshToSPIRE := func() error {
+		return tlsCall(spireServer.addr, tlsconfig.MTLSClientConfig(meshSrc, meshSrc, tlsconfig.AuthorizeID(spireID)))
+	}
+	spireToMesh := func() error {
+		return tlsCall(meshServer.addr, tlsconfig.MTLSClientConfig(spireSrc, spireSrc, tlsconfig.AuthorizeID(meshID)))
+	}
 
 	// Only meshid federates so far: SPIRE's side refuses meshid's workload.
 	if err := meshToSPIRE(); err == nil {
