@@ -221,8 +221,8 @@ func TestLeaderFailover(t *testing.T) {
 // TestConfigMapsFederated: the federated bundles go beside the roots while
 // there are any, follow every change, and the key goes when they do.
 func TestConfigMapsFederated(t *testing.T) {
-	if distribute.FederatedKey != agent.FederatedBundlesKey {
-		t.Fatalf("meshid-ca writes %q, meshid-agent reads %q", distribute.FederatedKey, agent.FederatedBundlesKey)
+	if distribute.FederatedKey != agent.FederatedBundlesKey || distribute.JWTKey != agent.JWTBundleKey {
+		t.Fatalf("meshid-ca writes %q and %q, meshid-agent reads %q and %q", distribute.FederatedKey, distribute.JWTKey, agent.FederatedBundlesKey, agent.JWTBundleKey)
 	}
 	c := kubetest.Start(t)
 	createNS(t, c, "shop")
@@ -239,7 +239,7 @@ func TestConfigMapsFederated(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			return fed
-		}}).Run(ctx)
+		}, JWT: func() []byte { return []byte(`{"keys":[]}`) }}).Run(ctx)
 	}()
 	holds := func(want string) func() error {
 		return func() error {
@@ -248,7 +248,7 @@ func TestConfigMapsFederated(t *testing.T) {
 				return err
 			}
 			got, ok := cm.Data[distribute.FederatedKey]
-			if cm.Data[distribute.DefaultKey] != pemOf(root) || got != want || ok != (want != "") {
+			if cm.Data[distribute.DefaultKey] != pemOf(root) || got != want || ok != (want != "") || cm.Data[distribute.JWTKey] != `{"keys":[]}` {
 				return fmt.Errorf("shop's ConfigMap holds %v", cm.Data)
 			}
 			return nil
