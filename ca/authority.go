@@ -111,6 +111,10 @@ func (a *Authority) TTL(ttl time.Duration) (time.Duration, error) {
 	return ttl, nil
 }
 
+// Backdate is how far before now a certificate's NotBefore is set: its
+// lifetime is its TTL plus this.
+func (a *Authority) Backdate() time.Duration { return a.backdate }
+
 // Issue signs a workload certificate for req.ID and re-validates it.
 func (a *Authority) Issue(req Request) (*Certificate, error) {
 	if req.ID.IsZero() {

@@ -8,14 +8,16 @@ import (
 
 // Metrics are the CA's Prometheus metrics.
 type Metrics struct {
-	requests     *prometheus.CounterVec
-	jwtRequests  *prometheus.CounterVec
-	authFailures *prometheus.CounterVec
-	issuance     prometheus.Histogram
-	ledgerWrites prometheus.Histogram
-	reloads      *prometheus.CounterVec
-	rateLimited  *prometheus.CounterVec
-	nodeProxy    *prometheus.CounterVec
+	requests    *prometheus.CounterVec
+	jwtRequests *prometheus.CounterVec
+	// Certificates issued for Kubernetes PodCertificateRequests.
+	podCertificates prometheus.Counter
+	authFailures    *prometheus.CounterVec
+	issuance        prometheus.Histogram
+	ledgerWrites    prometheus.Histogram
+	reloads         *prometheus.CounterVec
+	rateLimited     *prometheus.CounterVec
+	nodeProxy       *prometheus.CounterVec
 	// Every refusal by reason, and those the log left out (refusalLog).
 	refusals              *prometheus.CounterVec
 	refusalLogsSuppressed *prometheus.CounterVec
@@ -33,6 +35,10 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			Name: "meshid_ca_jwt_svid_requests_total",
 			Help: "MintJWTSVID requests by gRPC result code.",
 		}, []string{"code"}),
+		podCertificates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshid_ca_pod_certificates_issued_total",
+			Help: "Certificates issued for Kubernetes PodCertificateRequests (meshid's pod-certificate signer).",
+		}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshid_ca_auth_failures_total",
 			Help: "Requests refused by authentication, by reason.",
@@ -81,7 +87,7 @@ func NewMetrics(reg prometheus.Registerer, issuers ca.IssuerSource) *Metrics {
 			return pick(is)
 		})
 	}
-	reg.MustRegister(m.requests, m.jwtRequests, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy, m.refusals, m.refusalLogsSuppressed,
+	reg.MustRegister(m.requests, m.jwtRequests, m.podCertificates, m.authFailures, m.issuance, m.ledgerWrites, m.reloads, m.rateLimited, m.nodeProxy, m.refusals, m.refusalLogsSuppressed,
 		expiry("root", func(is *ca.Issuer) float64 { return float64(is.Root().NotAfter.Unix()) }),
 		expiry("intermediate", func(is *ca.Issuer) float64 { return float64(is.Certificate().NotAfter.Unix()) }),
 	)

@@ -97,9 +97,11 @@ func RequireAssets(t testing.TB) string {
 }
 
 // Start runs a fresh control plane for t and stops it when t ends.
-func Start(t testing.TB) *Cluster {
+// apiserverFlags are extra kube-apiserver flags, name to value (without
+// the dashes): feature-gates, runtime-config.
+func Start(t testing.TB, apiserverFlags ...map[string]string) *Cluster {
 	t.Helper()
-	c, err := start(RequireAssets(t), t.TempDir())
+	c, err := start(RequireAssets(t), t.TempDir(), apiserverFlags...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,13 +109,25 @@ func Start(t testing.TB) *Cluster {
 	return c
 }
 
-func start(assets, dir string) (*Cluster, error) {
+// PodCertificates are the kube-apiserver flags that serve Pod
+// Certificates and ClusterTrustBundles (beta, off by default).
+var PodCertificates = map[string]string{
+	"feature-gates":  "PodCertificateRequest=true,ClusterTrustBundle=true",
+	"runtime-config": "certificates.k8s.io/v1beta1=true",
+}
+
+func start(assets, dir string, apiserverFlags ...map[string]string) (*Cluster, error) {
 	env := &envtest.Environment{BinaryAssetsDirectory: assets}
-	env.ControlPlane.GetAPIServer().Configure().
+	args := env.ControlPlane.GetAPIServer().Configure().
 		// The default would pick a host interface; loopback works everywhere.
 		Set("advertise-address", "127.0.0.1").
 		// Silences a harmless error about the loopback Endpoints.
 		Set("endpoint-reconciler-type", "none")
+	for _, flags := range apiserverFlags {
+		for k, v := range flags {
+			args.Set(k, v)
+		}
+	}
 	cfg, err := env.Start()
 	if err != nil {
 		return nil, fmt.Errorf("kubetest: starting kube-apiserver and etcd from %s: %w", assets, err)
