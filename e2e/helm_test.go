@@ -48,6 +48,8 @@ ca:
   replicas: 1
   caSource: plugin
   pluginSecretName: istio-cacerts
+  # No Secret access at all: no JWT-SVID keys to keep either.
+  jwt: {enabled: false}
   nodeSelector: {kubernetes.io/os: linux}
   tolerations: [{key: dedicated, operator: Equal, value: mesh, effect: NoSchedule}]
 ledger: {type: sqlite}
@@ -91,6 +93,11 @@ federation:
     bundleEndpointURL: https://spire.example:8443
     bundleEndpointProfile: {type: https_spiffe, endpointSPIFFEID: "spiffe://spire.example/spire/server"}
     trustDomainBundle: '{"keys":[]}'
+`,
+	// The pod-certificate signer and its trust bundle; no JWT-SVIDs.
+	"pod-certificates-no-jwt": `
+podCertificates: {enabled: true, signerName: mesh.example.org/spiffe}
+ca: {jwt: {enabled: false}}
 `,
 	"pinned-images-text-logs-no-admin": `
 logFormat: text
@@ -258,7 +265,7 @@ func TestHelmRender(t *testing.T) {
 				t.Errorf("meshid-ca gets %s with no node proxy account in the values", arg)
 			}
 		}
-		if got := secretRules(t, objs, "meshid-system"); !slices.Equal(got, []string{"[meshid-ca] [get update]", "[] [create]"}) {
+		if got := secretRules(t, objs, "meshid-system"); !slices.Equal(got, []string{"[meshid-ca] [get update]", "[meshid-ca-jwt-keys] [get update]", "[] [create]"}) {
 			t.Errorf("generated CA: secret rules %q", got)
 		}
 		if n := kinds(objs); n["Namespace"] != 2 || n["DaemonSet"] != 1 || n["PodDisruptionBudget"] != 1 {
@@ -320,8 +327,8 @@ func TestHelmRender(t *testing.T) {
 				t.Errorf("meshid-ca args %q lack %s", a, want)
 			}
 		}
-		if got := secretRules(t, objs, "meshid-system"); !slices.Equal(got, []string{"[my-ca] [get update]"}) {
-			t.Errorf("existing CA Secret: secret rules %q, want get and update of my-ca only", got)
+		if got := secretRules(t, objs, "meshid-system"); !slices.Equal(got, []string{"[my-ca] [get update]", "[meshid-ca-jwt-keys] [get update]", "[] [create]"}) {
+			t.Errorf("existing CA Secret: secret rules %q, want get and update of my-ca, and of the JWT keys' Secret, which it creates", got)
 		}
 		var ds appsv1.DaemonSet
 		typed(t, findObject(objs, "DaemonSet", "meshid-agent"), &ds)

@@ -42,6 +42,7 @@ import (
 	"github.com/meshid/meshid/ca/multicluster"
 	"github.com/meshid/meshid/ca/nodeauth"
 	"github.com/meshid/meshid/ca/peers"
+	"github.com/meshid/meshid/ca/podcert"
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/ca/stepca"
@@ -525,6 +526,9 @@ func run(ctx context.Context, o *options) error {
 				if prune != nil {
 					go prune(ctx)
 				}
+				if o.podCertSigner != "" {
+					startPodCertificates(ctx, o, kube, svc, authority, roots, log)
+				}
 				if o.remoteBundles {
 					remotes.Each(ctx, func(ctx context.Context, id string, client kubernetes.Interface) {
 						log := log.With("cluster", id)
@@ -768,6 +772,22 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+// startPodCertificates runs the PodCertificateRequest signer and its
+// ClusterTrustBundle on the elected replica, until ctx ends.
+func startPodCertificates(ctx context.Context, o *options, kube kubernetes.Interface, svc *server.CertificateService, authority *ca.Authority, roots func() []*x509.Certificate, log *slog.Logger) {
+	log = log.With("component", "pod-certificates", "signer", o.podCertSigner)
+	signer := &podcert.Signer{Client: kube, Name: o.podCertSigner, Issuer: svc, MaxTTL: o.maxTTL, Backdate: authority.Backdate(), Log: log}
+	go func() {
+		if err := signer.Run(ctx); err != nil && ctx.Err() == nil {
+			log.Error("the pod-certificate signer stopped", "error", err)
+		}
+	}()
+	if o.podCertTrustBundle {
+		tb := &podcert.TrustBundle{Client: kube, SignerName: o.podCertSigner, Roots: roots, Log: log}
+		go tb.Run(ctx)
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/meshid/meshid/ca/ledger"
 	"github.com/meshid/meshid/ca/nodeauth"
 	"github.com/meshid/meshid/ca/peers"
+	"github.com/meshid/meshid/ca/podcert"
 	"github.com/meshid/meshid/ca/server"
 )
 
@@ -124,6 +125,9 @@ type options struct {
 	bundleAddr      string
 	bundleID        string
 
+	podCertSigner      string
+	podCertTrustBundle bool
+
 	jwtKeys        string
 	jwtKeysSecret  string
 	jwtKeyRotation time.Duration
@@ -211,6 +215,8 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.bundleID, "bundle-endpoint-id", "", "SPIFFE ID of the bundle endpoint's certificate (default spiffe://<trust-domain>/ns/<namespace>/sa/meshid-ca)")
 	fs.StringVar(&o.federationFile, "federation-file", "", "YAML file of the trust domains to federate with, each's bundle fetched from its SPIFFE bundle endpoint and kept fresh (federatesWith: a list in the shape of SPIRE's ClusterFederatedTrustDomain spec: trustDomain, bundleEndpointURL, bundleEndpointProfile {type: https_web|https_spiffe, endpointSPIFFEID}, trustDomainBundle); empty: none")
 	fs.StringVar(&o.federationConfigMap, "federation-configmap", "meshid-federated-bundles", "ConfigMap in --namespace where the last good bundle of each federated trust domain is kept across restarts and replicas; empty: not kept")
+	fs.StringVar(&o.podCertSigner, "pod-certificate-signer", "", "sign Kubernetes PodCertificateRequests (certificates.k8s.io/v1beta1, Kubernetes 1.35+ with the PodCertificateRequest feature gate) for this signer name, e.g. "+podcert.DefaultSignerName+"; on the elected replica. Empty: off")
+	fs.BoolVar(&o.podCertTrustBundle, "pod-certificate-trust-bundle", true, "with --pod-certificate-signer, keep the roots in the signer's ClusterTrustBundle (<domain>:<path>:roots; needs the ClusterTrustBundle feature gate)")
 	fs.StringVar(&o.jwtKeys, "jwt-keys", jwtKeysAuto, "where meshid-ca's JWT-SVID signing keys are kept: secret (--jwt-keys-secret, which replicas share), dir (--state-dir/"+jwtKeysFile+", one replica), none (no JWT-SVIDs), or auto: secret when meshid-ca talks to the API server, else dir")
 	fs.StringVar(&o.jwtKeysSecret, "jwt-keys-secret", "meshid-ca-jwt-keys", "Secret in --namespace holding the JWT-SVID signing keys with --jwt-keys=secret; created on first start")
 	fs.DurationVar(&o.jwtKeyRotation, "jwt-key-rotation", jwtsvid.DefaultRotation, "how long each JWT-SVID signing key signs; its successor is published half of that before it takes over")
@@ -461,6 +467,17 @@ func (o *options) complete() error {
 			bad("--bundle-endpoint-id: %v", err)
 		}
 	}
+	if o.podCertSigner != "" {
+		domain, path, ok := strings.Cut(o.podCertSigner, "/")
+		switch {
+		case !ok || domain == "" || path == "" || strings.ContainsAny(path, "/:") || strings.Contains(domain, ":"):
+			bad("--pod-certificate-signer must be <domain>/<path>, like %s; not %q", podcert.DefaultSignerName, o.podCertSigner)
+		case domain == "kubernetes.io" || strings.HasSuffix(domain, ".kubernetes.io"):
+			bad("--pod-certificate-signer: signer names under kubernetes.io are Kubernetes' own")
+		case o.bundleConfigMap == "":
+			bad("--pod-certificate-signer runs on the replica elected with --bundle-configmap, which is empty")
+		}
+	}
 	switch o.jwtKeys {
 	case jwtKeysAuto:
 		switch {
@@ -517,7 +534,7 @@ func (o *options) jwtPolicy() jwtsvid.Policy {
 
 // needsKube says whether the API server must be reached.
 func (o *options) needsKube() bool {
-	return o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != "" || o.jwtKeys == jwtKeysSecret
+	return o.caSource == sourceSecret || (o.caSource == sourceStep && o.caStore == "secret") || o.auth != authJWKS || len(o.nodeProxySAs) > 0 || o.remoteSelector != "" || o.jwtKeys == jwtKeysSecret || o.podCertSigner != ""
 }
 
 func (o *options) limits() server.Limits {
