@@ -432,6 +432,9 @@ authorization: {mode: Webhook}
 tlsCertFile: %[5]q
 tlsPrivateKeyFile: %[6]q
 cgroupDriver: cgroupfs
+# Kubelets from 1.35 refuse cgroup v1 hosts unless told otherwise; many CI
+# containers still are.
+failCgroupV1: false
 containerRuntimeEndpoint: unix://%[7]s
 clusterDNS: [%[1]s]
 clusterDomain: %[8]s

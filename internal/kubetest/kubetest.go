@@ -31,7 +31,7 @@ import (
 )
 
 // kubeVersion is the Kubernetes version hack/kube-assets.sh builds.
-const kubeVersion = "v1.34.10"
+const kubeVersion = "v1.37.2"
 
 // Cluster is a running control plane with an admin client.
 type Cluster struct {
