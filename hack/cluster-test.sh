@@ -2,7 +2,8 @@
 # The end-to-end test on a real cluster (e2e/cluster): brings up
 # hack/cluster.sh's single-node cluster, installs meshid's chart into it with
 # the Helm SDK from images built from this checkout, runs TestMeshidOnCluster
-# (readiness under Pod Security, Istio's pilot-agent in a pod, go-spiffe mTLS
+# (readiness under Pod Security, a pod certificate from meshid's
+# PodCertificateRequest signer, Istio's pilot-agent in a pod, go-spiffe mTLS
 # across rotations, identity theft refused, a deleted pod not renewed,
 # meshidctl through port-forward, the leader killed with no certificate
 # lapsing) and takes the cluster down again, also on failure or Ctrl-C.
@@ -19,6 +20,10 @@ cd "$(dirname "$0")/.."
 MESHID_PILOT_AGENT_DIR=$(hack/pilot-agent.sh)
 export MESHID_PILOT_AGENT_DIR
 export MESHID_CLUSTER_DIR=${MESHID_CLUSTER_DIR:-/var/lib/meshid-cluster}
+# Pod Certificates and ClusterTrustBundles (beta, off by default), for the
+# pod-certificate signer's part of the test.
+export MESHID_CLUSTER_FEATURE_GATES=${MESHID_CLUSTER_FEATURE_GATES-PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true}
+export MESHID_CLUSTER_RUNTIME_CONFIG=${MESHID_CLUSTER_RUNTIME_CONFIG-certificates.k8s.io/v1beta1=true}
 
 if [[ ${MESHID_CLUSTER_REUSE:-} == 1 ]] && hack/cluster.sh status >/dev/null 2>&1; then
 	echo "cluster-test: using the cluster up in $MESHID_CLUSTER_DIR" >&2

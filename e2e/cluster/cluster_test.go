@@ -57,6 +57,8 @@ type run struct {
 	ctlConn []string
 	// pilotSerial is the certificate pilot-agent served.
 	pilotSerial string
+	// podCerts: the cluster serves PodCertificateRequests, and meshid signs them.
+	podCerts bool
 }
 
 type event struct {
@@ -105,6 +107,7 @@ func TestMeshidOnCluster(t *testing.T) {
 
 	r.startWorkloads()
 	r.checkBundle()
+	r.checkPodCertificates()
 	r.checkPilotAgent()
 	deletedAt := r.attack()
 	r.checkMTLSRotation()
@@ -173,6 +176,9 @@ func (r *run) install() {
 	in.Timeout = deadline
 	values := map[string]any{
 		"agent": map[string]any{"extraArgs": []any{fmt.Sprintf("--cert-ttl=%s", certTTL)}},
+	}
+	if r.podCerts = servesPodCertificates(r.kube); r.podCerts {
+		values["podCertificates"] = map[string]any{"enabled": true, "signerName": podCertSigner}
 	}
 	r.mark("helm install (Helm SDK, chart defaults: 2 replicas, PostgreSQL ledger, agent DaemonSet)")
 	if _, err := in.Run(chrt, values); err != nil {
