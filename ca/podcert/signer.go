@@ -43,6 +43,7 @@ const (
 	ReasonLifetime           = "LifetimeTooShort"
 	ReasonSigningFailed      = "SigningFailed"
 	ReasonIssued             = "Issued"
+	ReasonUserConfig         = certsv1beta1.PodCertificateRequestConditionInvalidUserConfig
 )
 
 // Issuer signs a checked request; *server.CertificateService is one.
@@ -64,6 +65,8 @@ type Signer struct {
 	Workers  int // default 2
 	Log      *slog.Logger
 	Now      func() time.Time
+
+	status func(context.Context, *certsv1beta1.PodCertificateRequest) error // in the API version served
 }
 
 // refusal is a terminal answer: Denied or Failed with a reason.
@@ -102,26 +105,31 @@ func (s *Signer) Run(ctx context.Context) error {
 		return errors.New("podcert: Signer needs Client and Issuer")
 	}
 	s.defaults()
+	gv := servedVersion(s.Client, "podcertificaterequests")
+	if gv == "" {
+		return fmt.Errorf("podcert: the API server serves no PodCertificateRequests (%s or %s): Kubernetes 1.35 or newer with the PodCertificateRequest feature gate, and on 1.35 and 1.36 --runtime-config=%s=true", apiV1, apiV1beta1, apiV1beta1)
+	}
 	factory := informers.NewSharedInformerFactory(s.Client, 0)
-	requests := factory.Certificates().V1beta1().PodCertificateRequests()
+	requests := newRequestAPI(s.Client, factory, gv)
+	s.status = requests.status
 	queue := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[cache.ObjectName]())
 	defer queue.ShutDown()
 	enqueue := func(obj any) {
-		pcr, ok := obj.(*certsv1beta1.PodCertificateRequest)
-		if ok && pcr.Spec.SignerName == s.Name && !answered(pcr) {
+		pcr := asV1beta1(obj)
+		if pcr != nil && pcr.Spec.SignerName == s.Name && !answered(pcr) {
 			queue.Add(cache.MetaObjectToName(pcr))
 		}
 	}
-	requests.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	requests.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    enqueue,
 		UpdateFunc: func(_, obj any) { enqueue(obj) },
 	})
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
-	if !cache.WaitForCacheSync(ctx.Done(), requests.Informer().HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), requests.informer.HasSynced) {
 		return ctx.Err()
 	}
-	s.Log.Info("signing pod certificates", "signer", s.Name)
+	s.Log.Info("signing pod certificates", "signer", s.Name, "api", gv)
 	done := make(chan struct{})
 	for range s.Workers {
 		go func() {
@@ -131,7 +139,7 @@ func (s *Signer) Run(ctx context.Context) error {
 				if shutdown {
 					return
 				}
-				pcr, err := requests.Lister().PodCertificateRequests(key.Namespace).Get(key.Name)
+				pcr, err := requests.get(key.Namespace, key.Name)
 				if err == nil && !answered(pcr) {
 					err = s.answer(ctx, pcr)
 				}
@@ -219,8 +227,7 @@ func (s *Signer) condition(pcr *certsv1beta1.PodCertificateRequest, typ, reason,
 func (s *Signer) setStatus(ctx context.Context, pcr *certsv1beta1.PodCertificateRequest, st certsv1beta1.PodCertificateRequestStatus) error {
 	next := pcr.DeepCopy()
 	next.Status = st
-	_, err := s.Client.CertificatesV1beta1().PodCertificateRequests(pcr.Namespace).UpdateStatus(ctx, next, metav1.UpdateOptions{})
-	if err != nil {
+	if err := s.status(ctx, next); err != nil {
 		return fmt.Errorf("podcert: writing the status of %s/%s: %w", pcr.Namespace, pcr.Name, err)
 	}
 	return nil
@@ -266,7 +273,24 @@ func (s *Signer) decide(ctx context.Context, pcr *certsv1beta1.PodCertificateReq
 	case node.UID != spec.NodeUID:
 		return nil, deny(ReasonPodMismatch, "node %s has UID %s, not the %s requested", spec.NodeName, node.UID, spec.NodeUID)
 	}
-	pub, err := CheckKey(spec.PKIXPublicKey, spec.ProofOfPossession, string(spec.PodUID))
+	if len(spec.UnverifiedUserAnnotations) > 0 {
+		// The API asks signers to refuse what they do not understand, and
+		// meshid reads none.
+		return nil, deny(ReasonUserConfig, "meshid's signer takes no unverifiedUserAnnotations (%d given)", len(spec.UnverifiedUserAnnotations))
+	}
+	if len(spec.StubPKCS10Request) == 0 && len(spec.PKIXPublicKey) == 0 {
+		// Read through v1, a request filed the v1beta1 way (a kubelet
+		// older than the API server) shows no key: v1 has no field for it.
+		if old, err := s.Client.CertificatesV1beta1().PodCertificateRequests(pcr.Namespace).Get(ctx, pcr.Name, metav1.GetOptions{}); err == nil && old.UID == pcr.UID {
+			spec.PKIXPublicKey, spec.ProofOfPossession = old.Spec.PKIXPublicKey, old.Spec.ProofOfPossession
+		}
+	}
+	var pub crypto.PublicKey
+	if len(spec.StubPKCS10Request) > 0 {
+		pub, err = CheckCSR(spec.StubPKCS10Request)
+	} else {
+		pub, err = CheckKey(spec.PKIXPublicKey, spec.ProofOfPossession, string(spec.PodUID))
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -311,9 +335,46 @@ func (s *Signer) ttl(maxSeconds *int32) (time.Duration, error) {
 	return ttl, nil
 }
 
+// CheckCSR reads the key of a request from a kubelet of Kubernetes 1.37
+// or later: a stub PKCS #10 request, empty but for the key and signed by
+// it. Its signature is checked again here (the API server checks it too),
+// and the key must be one meshid issues to, as for CheckKey.
+func CheckCSR(der []byte) (crypto.PublicKey, error) {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, deny(ReasonUnsupportedKeyType, "the stub PKCS #10 request does not parse: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, deny(ReasonBadProof, "the stub PKCS #10 request's signature does not verify with its key: %v", err)
+	}
+	if err := checkKeyType(csr.PublicKey); err != nil {
+		return nil, err
+	}
+	return csr.PublicKey, nil
+}
+
+func checkKeyType(pub crypto.PublicKey) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
+			return deny(ReasonUnsupportedKeyType, "ECDSA on %s: meshid issues to ECDSAP256 and ECDSAP384 keys (and RSA3072, RSA4096)", k.Curve.Params().Name)
+		}
+	case *rsa.PublicKey:
+		if bits := k.N.BitLen(); bits != 3072 && bits != 4096 {
+			return deny(ReasonUnsupportedKeyType, "RSA %d: meshid issues to RSA3072 and RSA4096 keys (and ECDSAP256, ECDSAP384)", bits)
+		}
+	case ed25519.PublicKey:
+		return deny(ReasonUnsupportedKeyType, "Ed25519: meshid issues to ECDSAP256, ECDSAP384, RSA3072 and RSA4096 keys")
+	default:
+		return deny(ReasonUnsupportedKeyType, "%T keys are not supported; use ECDSAP256", pub)
+	}
+	return nil
+}
+
 // CheckKey parses a request's public key and verifies its proof of
 // possession (the key's signature over the pod UID), as the API server
-// does. meshid issues to P-256 and P-384 ECDSA keys and to 3072- and
+// does: the request of a kubelet before 1.37 (pkixPublicKey and
+// proofOfPossession, deprecated since). meshid issues to P-256 and P-384 ECDSA keys and to 3072- and
 // 4096-bit RSA keys; Ed25519 and P-521, which the API allows, are denied as
 // UnsupportedKeyType (Envoy and Istio's proxies do not take them).
 func CheckKey(pkix, proof []byte, podUID string) (crypto.PublicKey, error) {
@@ -321,26 +382,19 @@ func CheckKey(pkix, proof []byte, podUID string) (crypto.PublicKey, error) {
 	if err != nil {
 		return nil, deny(ReasonUnsupportedKeyType, "the public key does not parse: %v", err)
 	}
+	if err := checkKeyType(pub); err != nil {
+		return nil, err
+	}
 	digest := sha256.Sum256([]byte(podUID))
 	switch k := pub.(type) {
 	case *ecdsa.PublicKey:
-		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
-			return nil, deny(ReasonUnsupportedKeyType, "ECDSA on %s: meshid issues to P-256 and P-384 keys", k.Curve.Params().Name)
-		}
 		if !ecdsa.VerifyASN1(k, digest[:], proof) {
 			return nil, deny(ReasonBadProof, "the proof of possession does not verify with the request's key")
 		}
 	case *rsa.PublicKey:
-		if bits := k.N.BitLen(); bits != 3072 && bits != 4096 {
-			return nil, deny(ReasonUnsupportedKeyType, "RSA %d: meshid issues to RSA 3072 and 4096 keys", bits)
-		}
 		if rsa.VerifyPSS(k, crypto.SHA256, digest[:], proof, nil) != nil {
 			return nil, deny(ReasonBadProof, "the proof of possession does not verify with the request's key")
 		}
-	case ed25519.PublicKey:
-		return nil, deny(ReasonUnsupportedKeyType, "Ed25519: meshid issues to ECDSA P-256/P-384 and RSA 3072/4096 keys")
-	default:
-		return nil, deny(ReasonUnsupportedKeyType, "%T keys are not supported", pub)
 	}
 	return pub, nil
 }

@@ -142,6 +142,18 @@ func (e *env) request(t *testing.T, name string, pod *corev1.Pod, key crypto.Sig
 	}, metav1.CreateOptions{})
 }
 
+// stub turns a spec into what a kubelet of 1.37 files: a stub PKCS #10
+// request signed by key in place of the key and its proof.
+func stub(t *testing.T, key crypto.Signer) func(*certsv1beta1.PodCertificateRequestSpec) {
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(s *certsv1beta1.PodCertificateRequestSpec) {
+		s.PKIXPublicKey, s.ProofOfPossession, s.StubPKCS10Request = nil, nil, der
+	}
+}
+
 func prove(t *testing.T, key crypto.Signer, podUID string) []byte {
 	t.Helper()
 	if _, ok := key.(ed25519.PrivateKey); ok {
@@ -216,12 +228,24 @@ func TestSignerIssues(t *testing.T) {
 	if !chain[0].PublicKey.(*ecdsa.PublicKey).Equal(key.Public()) {
 		t.Error("issued to another key")
 	}
+
+	// As a kubelet of 1.37 asks: a stub PKCS #10 request.
+	pod1 := e.c.Pod(t, "shop", "web-1", "web", "node-1")
+	key1 := newKey(t, elliptic.P384())
+	if _, err := e.request(t, "web-1-1", pod1, key1, stub(t, key1)); err != nil {
+		t.Fatal(err)
+	}
+	if pcr1 := e.answer(t, "shop", "web-1-1"); pcr1.Status.Conditions[0].Type != certsv1beta1.PodCertificateRequestConditionTypeIssued {
+		t.Errorf("a stub PKCS #10 request: %s (%s): %s", pcr1.Status.Conditions[0].Type, pcr1.Status.Conditions[0].Reason, pcr1.Status.Conditions[0].Message)
+	} else if c1, err := ca.ParseCertificatesPEM([]byte(pcr1.Status.CertificateChain)); err != nil || !c1[0].PublicKey.(*ecdsa.PublicKey).Equal(key1.Public()) {
+		t.Errorf("a stub PKCS #10 request: issued to another key (%v)", err)
+	}
 	st := pcr.Status
 	lifetime := st.NotAfter.Sub(st.NotBefore.Time)
 	if lifetime != 24*time.Hour || !st.NotBefore.Time.Equal(chain[0].NotBefore) || st.BeginRefreshAt.Sub(st.NotBefore.Time) != 12*time.Hour {
 		t.Errorf("notBefore %v, notAfter %v, beginRefreshAt %v: want a 24h certificate (maxExpirationSeconds) refreshed at half", st.NotBefore, st.NotAfter, st.BeginRefreshAt)
 	}
-	page, err := e.ledger.Certificates(context.Background(), ledger.Filter{SPIFFEID: id.String()})
+	page, err := e.ledger.Certificates(context.Background(), ledger.Filter{SPIFFEID: id.String(), PodName: "web-0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,6 +282,7 @@ func TestSignerRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	p521, p256 := newKey(t, elliptic.P521()), newKey(t, elliptic.P256())
 	for _, tc := range []struct {
 		name      string
 		pod       *corev1.Pod
@@ -277,6 +302,12 @@ func TestSignerRefuses(t *testing.T) {
 		{"an Ed25519 key", web, edKey, nil, "Denied", podcert.ReasonUnsupportedKeyType},
 		{"a P-521 key", web, newKey(t, elliptic.P521()), nil, "Denied", podcert.ReasonUnsupportedKeyType},
 		{"a denied identity", banned, newKey(t, elliptic.P256()), nil, "Denied", podcert.ReasonIdentityDenied},
+		{"an Ed25519 stub request", web, edKey, stub(t, edKey), "Denied", podcert.ReasonUnsupportedKeyType},
+		{"a P-521 stub request", web, p521, stub(t, p521), "Denied", podcert.ReasonUnsupportedKeyType},
+		{"another pod UID in a stub request", web, p256, func(s *certsv1beta1.PodCertificateRequestSpec) { stub(t, p256)(s); s.PodUID = other.UID }, "Denied", podcert.ReasonPodMismatch},
+		{"user annotations", web, p256, func(s *certsv1beta1.PodCertificateRequestSpec) {
+			s.UnverifiedUserAnnotations = map[string]string{"example.com/role": "admin"}
+		}, "Denied", podcert.ReasonUserConfig},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			name := strings.ReplaceAll(strings.ReplaceAll(tc.name, " ", "-"), "'", "")
@@ -333,6 +364,19 @@ func TestRefreshAt(t *testing.T) {
 			t.Errorf("%v: refresh after %v, outside the API's bounds", tc.lifetime, got)
 		}
 	}
+}
+
+func FuzzCheckCSR(f *testing.F) {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, k)
+	f.Add(der)
+	f.Add([]byte{0x30, 0x00})
+	f.Fuzz(func(t *testing.T, der []byte) {
+		pub, err := podcert.CheckCSR(der)
+		if err == nil && pub == nil {
+			t.Fatal("no key and no error")
+		}
+	})
 }
 
 func FuzzCheckKey(f *testing.F) {

@@ -54,7 +54,6 @@ func (b *TrustBundle) Run(ctx context.Context) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	name := TrustBundleName(signer)
-	ctbs := b.Client.CertificatesV1beta1().ClusterTrustBundles()
 	var written []byte
 	unserved := false
 	for {
@@ -64,15 +63,18 @@ func (b *TrustBundle) Run(ctx context.Context) error {
 			pem.Write(ca.EncodePEM(r))
 		}
 		if pem.Len() > 0 && !bytes.Equal(pem.Bytes(), written) {
-			err := b.write(ctx, ctbs, name, signer, pem.String())
+			err := errNotServed
+			if gv := servedVersion(b.Client, "clustertrustbundles"); gv != "" {
+				err = b.write(ctx, newBundleAPI(b.Client, gv), name, signer, pem.String())
+			}
 			switch {
 			case err == nil:
 				written = bytes.Clone(pem.Bytes())
 				unserved = false
 				log.Info("ClusterTrustBundle written", "name", name, "signer", signer, "roots", len(b.Roots()))
-			case apierrors.IsNotFound(err) || apierrors.IsMethodNotSupported(err) || isNoKind(err):
+			case errors.Is(err, errNotServed) || apierrors.IsNotFound(err) || apierrors.IsMethodNotSupported(err):
 				if !unserved {
-					log.Info("ClusterTrustBundle not published: the API server does not serve certificates.k8s.io/v1beta1 ClusterTrustBundles (feature gate ClusterTrustBundle); the ConfigMaps still carry the roots", "name", name)
+					log.Info("ClusterTrustBundle not published: the API server serves no ClusterTrustBundles (certificates.k8s.io/v1 or v1beta1 with the ClusterTrustBundle feature gate); the ConfigMaps still carry the roots", "name", name)
 				}
 				unserved, wait = true, time.Minute
 			default:
@@ -87,22 +89,15 @@ func (b *TrustBundle) Run(ctx context.Context) error {
 	}
 }
 
-func isNoKind(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "the server could not find the requested resource")
-}
+var errNotServed = errors.New("podcert: no ClusterTrustBundles served")
 
-func (b *TrustBundle) write(ctx context.Context, ctbs interface {
-	Get(context.Context, string, metav1.GetOptions) (*certsv1beta1.ClusterTrustBundle, error)
-	Create(context.Context, *certsv1beta1.ClusterTrustBundle, metav1.CreateOptions) (*certsv1beta1.ClusterTrustBundle, error)
-	Update(context.Context, *certsv1beta1.ClusterTrustBundle, metav1.UpdateOptions) (*certsv1beta1.ClusterTrustBundle, error)
-}, name, signer, pem string) error {
-	cur, err := ctbs.Get(ctx, name, metav1.GetOptions{})
+func (b *TrustBundle) write(ctx context.Context, ctbs *bundleAPI, name, signer, pem string) error {
+	cur, err := ctbs.get(ctx, name)
 	if apierrors.IsNotFound(err) {
-		_, err = ctbs.Create(ctx, &certsv1beta1.ClusterTrustBundle{
+		return ctbs.create(ctx, &certsv1beta1.ClusterTrustBundle{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"app.kubernetes.io/managed-by": "meshid-ca", "meshid.dev/trust": "roots"}},
 			Spec:       certsv1beta1.ClusterTrustBundleSpec{SignerName: signer, TrustBundle: pem},
-		}, metav1.CreateOptions{})
-		return err
+		})
 	}
 	if err != nil {
 		return err
@@ -112,6 +107,5 @@ func (b *TrustBundle) write(ctx context.Context, ctbs interface {
 	}
 	next := cur.DeepCopy()
 	next.Spec.TrustBundle = pem
-	_, err = ctbs.Update(ctx, next, metav1.UpdateOptions{})
-	return err
+	return ctbs.update(ctx, next)
 }
