@@ -62,7 +62,10 @@ type Signer struct {
 	// certificate lives min(maxExpirationSeconds, MaxTTL+Backdate).
 	MaxTTL   time.Duration
 	Backdate time.Duration
-	Workers  int // default 2
+	// RefreshFraction is how far into its life a certificate is renewed
+	// (beginRefreshAt); default 0.5, as meshid-agent renews.
+	RefreshFraction float64
+	Workers         int // default 2
 	Log      *slog.Logger
 	Now      func() time.Time
 
@@ -192,7 +195,7 @@ func (s *Signer) answer(ctx context.Context, pcr *certsv1beta1.PodCertificateReq
 		CertificateChain: strings.Join(cert.ChainPEM[:len(cert.ChainPEM)-1], ""),
 		NotBefore:        ptr(metav1.NewTime(notBefore)),
 		NotAfter:         ptr(metav1.NewTime(notAfter)),
-		BeginRefreshAt:   ptr(metav1.NewTime(RefreshAt(notBefore, notAfter))),
+		BeginRefreshAt:   ptr(metav1.NewTime(RefreshAt(notBefore, notAfter, s.RefreshFraction))),
 	}
 	if err := s.setStatus(ctx, pcr, st); err != nil {
 		return err
@@ -201,11 +204,14 @@ func (s *Signer) answer(ctx context.Context, pcr *certsv1beta1.PodCertificateReq
 	return nil
 }
 
-// RefreshAt is when the kubelet is told to renew: at half the lifetime,
-// as meshid-agent does, within the 10 minutes from either end that the
-// API server requires.
-func RefreshAt(notBefore, notAfter time.Time) time.Time {
-	at := notBefore.Add(notAfter.Sub(notBefore) / 2)
+// RefreshAt is when the kubelet is told to renew: fraction into the
+// lifetime (0 or out of range: half, as meshid-agent does), within the 10
+// minutes from either end that the API server requires.
+func RefreshAt(notBefore, notAfter time.Time, fraction float64) time.Time {
+	if fraction <= 0 || fraction >= 1 {
+		fraction = 0.5
+	}
+	at := notBefore.Add(time.Duration(float64(notAfter.Sub(notBefore)) * fraction))
 	if earliest := notBefore.Add(10 * time.Minute); at.Before(earliest) {
 		at = earliest
 	}

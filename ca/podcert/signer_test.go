@@ -356,13 +356,16 @@ func TestRefreshAt(t *testing.T) {
 		{time.Hour, 30 * time.Minute},
 		{25 * time.Minute, 12*time.Minute + 30*time.Second},
 	} {
-		got := podcert.RefreshAt(nb, nb.Add(tc.lifetime)).Sub(nb)
+		got := podcert.RefreshAt(nb, nb.Add(tc.lifetime), 0).Sub(nb)
 		if got != tc.want && tc.lifetime >= 20*time.Minute {
 			t.Errorf("%v: refresh after %v, want %v", tc.lifetime, got, tc.want)
 		}
 		if got < 10*time.Minute || got > tc.lifetime-10*time.Minute {
 			t.Errorf("%v: refresh after %v, outside the API's bounds", tc.lifetime, got)
 		}
+	}
+	if got := podcert.RefreshAt(nb, nb.Add(time.Hour), 0.01).Sub(nb); got != 10*time.Minute {
+		t.Errorf("1%% of an hour: refresh after %v, want the API's earliest, 10m", got)
 	}
 }
 

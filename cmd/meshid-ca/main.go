@@ -779,7 +779,7 @@ func retry[T any](ctx context.Context, log *slog.Logger, what string, f func() (
 // ClusterTrustBundle on the elected replica, until ctx ends.
 func startPodCertificates(ctx context.Context, o *options, kube kubernetes.Interface, svc *server.CertificateService, authority *ca.Authority, roots func() []*x509.Certificate, log *slog.Logger) {
 	log = log.With("component", "pod-certificates", "signer", o.podCertSigner)
-	signer := &podcert.Signer{Client: kube, Name: o.podCertSigner, Issuer: svc, MaxTTL: o.maxTTL, Backdate: authority.Backdate(), Log: log}
+	signer := &podcert.Signer{Client: kube, Name: o.podCertSigner, Issuer: svc, MaxTTL: o.maxTTL, Backdate: authority.Backdate(), RefreshFraction: o.podCertRefresh, Log: log}
 	go func() {
 		if err := signer.Run(ctx); err != nil && ctx.Err() == nil {
 			log.Error("the pod-certificate signer stopped", "error", err)

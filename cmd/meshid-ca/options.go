@@ -127,6 +127,7 @@ type options struct {
 
 	podCertSigner      string
 	podCertTrustBundle bool
+	podCertRefresh     float64
 
 	jwtKeys        string
 	jwtKeysSecret  string
@@ -216,6 +217,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.federationFile, "federation-file", "", "YAML file of the trust domains to federate with, each's bundle fetched from its SPIFFE bundle endpoint and kept fresh (federatesWith: a list in the shape of SPIRE's ClusterFederatedTrustDomain spec: trustDomain, bundleEndpointURL, bundleEndpointProfile {type: https_web|https_spiffe, endpointSPIFFEID}, trustDomainBundle); empty: none")
 	fs.StringVar(&o.federationConfigMap, "federation-configmap", "meshid-federated-bundles", "ConfigMap in --namespace where the last good bundle of each federated trust domain is kept across restarts and replicas; empty: not kept")
 	fs.StringVar(&o.podCertSigner, "pod-certificate-signer", "", "sign Kubernetes PodCertificateRequests (certificates.k8s.io/v1beta1, Kubernetes 1.35+ with the PodCertificateRequest feature gate) for this signer name, e.g. "+podcert.DefaultSignerName+"; on the elected replica. Empty: off")
+	fs.Float64Var(&o.podCertRefresh, "pod-certificate-refresh", 0.5, "with --pod-certificate-signer, how far into its lifetime the kubelet renews a pod certificate (beginRefreshAt), between 0 and 1; the API keeps it 10 minutes from either end")
 	fs.BoolVar(&o.podCertTrustBundle, "pod-certificate-trust-bundle", true, "with --pod-certificate-signer, keep the roots in the signer's ClusterTrustBundle (<domain>:<path>:roots; needs the ClusterTrustBundle feature gate)")
 	fs.StringVar(&o.jwtKeys, "jwt-keys", jwtKeysAuto, "where meshid-ca's JWT-SVID signing keys are kept: secret (--jwt-keys-secret, which replicas share), dir (--state-dir/"+jwtKeysFile+", one replica), none (no JWT-SVIDs), or auto: secret when meshid-ca talks to the API server, else dir")
 	fs.StringVar(&o.jwtKeysSecret, "jwt-keys-secret", "meshid-ca-jwt-keys", "Secret in --namespace holding the JWT-SVID signing keys with --jwt-keys=secret; created on first start")
@@ -476,6 +478,9 @@ func (o *options) complete() error {
 			bad("--pod-certificate-signer: signer names under kubernetes.io are Kubernetes' own")
 		case o.bundleConfigMap == "":
 			bad("--pod-certificate-signer runs on the replica elected with --bundle-configmap, which is empty")
+		}
+		if o.podCertRefresh <= 0 || o.podCertRefresh >= 1 {
+			bad("--pod-certificate-refresh must be between 0 and 1, not %v", o.podCertRefresh)
 		}
 	}
 	switch o.jwtKeys {

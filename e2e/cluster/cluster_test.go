@@ -59,6 +59,7 @@ type run struct {
 	pilotSerial string
 	// podCerts: the cluster serves PodCertificateRequests, and meshid signs them.
 	podCerts bool
+	caArgs   []any // extra meshid-ca flags
 }
 
 type event struct {
@@ -82,23 +83,7 @@ func (r *run) id(sa string) string {
 // port-forward; the leader killed with no certificate lapsing; every
 // certificate a workload held being in the ledger.
 func TestMeshidOnCluster(t *testing.T) {
-	c := needCluster(t)
-	cfg, err := c.RESTConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	kube, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	suffix := make([]byte, 3)
-	rand.Read(suffix)
-	r := &run{t: t, c: c, cfg: cfg, kube: kube, ns: "e2e-" + hex.EncodeToString(suffix), begin: time.Now()}
-	t.Logf("images built in %s", build.prepared.Round(time.Second))
-	if err := c.Import(context.Background(), build.images...); err != nil {
-		t.Fatal(err)
-	}
-	r.mark("images imported into the node's containerd")
+	r := newRun(t)
 	r.cleanPrevious()
 	r.install()
 	t.Cleanup(r.uninstall)
@@ -116,6 +101,28 @@ func TestMeshidOnCluster(t *testing.T) {
 	r.checkDeletedNotRenewed(deletedAt)
 	r.checkLedgerHoldsEverything()
 	r.report()
+}
+
+// newRun connects to the cluster and imports the images.
+func newRun(t *testing.T) *run {
+	c := needCluster(t)
+	cfg, err := c.RESTConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	suffix := make([]byte, 3)
+	rand.Read(suffix)
+	r := &run{t: t, c: c, cfg: cfg, kube: kube, ns: "e2e-" + hex.EncodeToString(suffix), begin: time.Now()}
+	t.Logf("images built in %s", build.prepared.Round(time.Second))
+	if err := c.Import(context.Background(), build.images...); err != nil {
+		t.Fatal(err)
+	}
+	r.mark("images imported into the node's containerd")
+	return r
 }
 
 // cleanPrevious removes what an earlier run on this cluster left: the
@@ -176,6 +183,9 @@ func (r *run) install() {
 	in.Timeout = deadline
 	values := map[string]any{
 		"agent": map[string]any{"extraArgs": []any{fmt.Sprintf("--cert-ttl=%s", certTTL)}},
+	}
+	if r.caArgs != nil {
+		values["ca"] = map[string]any{"extraArgs": r.caArgs}
 	}
 	if r.podCerts = servesPodCertificates(r.kube); r.podCerts {
 		values["podCertificates"] = map[string]any{"enabled": true, "signerName": podCertSigner}
