@@ -669,8 +669,11 @@ func TestHelmInstall(t *testing.T) {
 		createSecret(t, cluster, "meshid-system", "ledger-url", map[string][]byte{"url": []byte(dsn)})
 		newApplier(t, cluster).applyTwice(t, renderChart(t, chartVariants["secret-own-namespaces"]))
 		checkPodSecurity(t, cluster, "meshid-system", "meshid-node")
-		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "create"}, false)
+		// It creates no CA Secret, but does create the JWT keys' one (RBAC
+		// cannot limit create by name).
+		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Verb: "create"}, true)
 		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "my-ca", Verb: "update"}, true)
+		checkAccess(t, cluster, "meshid-system/meshid-ca", authorizationv1.ResourceAttributes{Namespace: "meshid-system", Resource: "secrets", Name: "meshid-ca-jwt-keys", Verb: "update"}, true)
 		checkConfigMapPolicy(t, cluster, "meshid-system", "meshid-ca-root-cert")
 		p, _ := runDeployedCA(t, cluster, "meshid-system")
 		checkIssues(t, cluster, p, "meshid-ca-root-cert", string(files[keys.RootCertFile]), "example.org")

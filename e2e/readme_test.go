@@ -41,8 +41,8 @@ func TestReadmeIsTrue(t *testing.T) {
 			}
 		}
 		// Flags of other programs the documents show: kubectl, go test,
-		// hyperfine, istioctl, the flood tools' environment.
-		others := []string{"--audience", "--warmup", "--runs", "--help", "--context", "--name"}
+		// hyperfine, istioctl, the flood tools' environment, kube-apiserver.
+		others := []string{"--audience", "--warmup", "--runs", "--help", "--context", "--name", "--runtime-config"}
 		flagRE := regexp.MustCompile("`[^`]*`")
 		nameRE := regexp.MustCompile(`(?:^|[\s\[(|=])(--[a-z][a-z0-9-]+)`)
 		checked := 0
