@@ -66,8 +66,8 @@ type Signer struct {
 	// (beginRefreshAt); default 0.5, as meshid-agent renews.
 	RefreshFraction float64
 	Workers         int // default 2
-	Log      *slog.Logger
-	Now      func() time.Time
+	Log             *slog.Logger
+	Now             func() time.Time
 
 	status func(context.Context, *certsv1beta1.PodCertificateRequest) error // in the API version served
 }
