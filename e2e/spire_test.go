@@ -217,7 +217,7 @@ func TestSPIRE(t *testing.T) {
 		"--cert-ttl=1h",
 		"--federated-bundles-file="+filepath.Join(state, "federated-bundles.json"),
 		"--jwt-bundle-file="+filepath.Join(state, "jwt-bundle.json"))
-	meshAgent := startAgent(t, agentArgs...)
+	startAgent(t, agentArgs...)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -338,7 +338,6 @@ func TestSPIRE(t *testing.T) {
 	if _, err := meshClient.ValidateJWTSVID(ctx, spireJWT.Marshal(), "meshid-api"); err == nil {
 		t.Error("meshid's agent still takes SPIRE's JWT-SVID after the federation was removed")
 	}
-	_ = meshAgent
 }
 
 // tlsServ answers each connection with one line once its handshake is

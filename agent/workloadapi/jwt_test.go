@@ -152,11 +152,20 @@ func TestGoSpiffeJWT(t *testing.T) {
 	updates := make(chan *jwtbundle.Set, 16)
 	go client.WatchJWTBundles(ctx, jwtWatcher(updates))
 	bundle.SetFederated(map[spiffeid.TrustDomain]*spiffebundle.Bundle{other: peerBundle})
-	for set := range updates {
-		if set.Has(other) && set.Has(td) {
-			break
+	waitJWTBundles := func(what string, ok func(*jwtbundle.Set) bool) {
+		t.Helper()
+		for {
+			select {
+			case set := <-updates:
+				if ok(set) {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("FetchJWTBundles never sent %s", what)
+			}
 		}
 	}
+	waitJWTBundles("the peer's keys beside the own", func(set *jwtbundle.Set) bool { return set.Has(other) && set.Has(td) })
 	if got, err := client.ValidateJWTSVID(ctx, peerToken.Token, "db"); err != nil || got.ID.TrustDomain() != other {
 		t.Errorf("the federated peer's token: %v, %v", got, err)
 	}
@@ -168,11 +177,7 @@ func TestGoSpiffeJWT(t *testing.T) {
 	}
 	refused("the peer signing for meshid's trust domain", forged.Token, "db", "no JWT authority")
 	bundle.SetFederated(nil)
-	for set := range updates {
-		if !set.Has(other) {
-			break
-		}
-	}
+	waitJWTBundles("the peer's keys gone", func(set *jwtbundle.Set) bool { return !set.Has(other) })
 	refused("a token of a trust domain no longer federated", peerToken.Token, "db", "no bundle found")
 }
 

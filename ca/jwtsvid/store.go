@@ -7,12 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+
+	"github.com/meshid/meshid/internal/atomicfile"
 )
 
 // Store keeps the key set where every replica finds it.
@@ -102,39 +103,7 @@ func (f *File) Save(ctx context.Context, version string, data []byte) error {
 	if curVersion != version || (version == "" && cur != nil) {
 		return ErrStale
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(f.Path), ".jwt-keys-*")
-	if err != nil {
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("jwtsvid: writing %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), f.Path); err != nil {
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	// The rename is durable once the directory is.
-	dir, err := os.Open(filepath.Dir(f.Path))
-	if err != nil {
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	defer dir.Close()
-	if err := dir.Sync(); err != nil {
-		return fmt.Errorf("jwtsvid: %w", err)
-	}
-	return nil
+	return atomicfile.Write(f.Path, data, 0o600)
 }
 
 func digest(data []byte) string {

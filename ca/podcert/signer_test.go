@@ -33,6 +33,7 @@ import (
 	"github.com/meshid/meshid/ca/podcert"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/internal/kubetest"
+	"github.com/meshid/meshid/internal/poll"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -176,20 +177,16 @@ func ptr[T any](v T) *T { return &v }
 // answer waits for the signer's answer to ns/name.
 func (e *env) answer(t *testing.T, ns, name string) *certsv1beta1.PodCertificateRequest {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		pcr, err := e.c.Client.CertificatesV1beta1().PodCertificateRequests(ns).Get(context.Background(), name, metav1.GetOptions{})
+	var pcr *certsv1beta1.PodCertificateRequest
+	poll.Until(t, "the answer to "+ns+"/"+name, func() bool {
+		var err error
+		pcr, err = e.c.Client.CertificatesV1beta1().PodCertificateRequests(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(pcr.Status.Conditions) > 0 {
-			return pcr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no answer to %s/%s within 30s", ns, name)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return len(pcr.Status.Conditions) > 0
+	})
+	return pcr
 }
 
 func condition(pcr *certsv1beta1.PodCertificateRequest) (string, string) {
@@ -255,20 +252,14 @@ func TestSignerIssues(t *testing.T) {
 	}
 
 	// The roots are in the signer's ClusterTrustBundle.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		ctb, err := e.c.Client.CertificatesV1beta1().ClusterTrustBundles().Get(context.Background(), podcert.TrustBundleName(podcert.DefaultSignerName), metav1.GetOptions{})
-		if err == nil {
-			got, _ := ca.ParseCertificatesPEM([]byte(ctb.Spec.TrustBundle))
-			if ctb.Spec.SignerName != podcert.DefaultSignerName || len(got) != 1 || !got[0].Equal(e.roots[0]) {
-				t.Errorf("ClusterTrustBundle %s: signer %q, %d roots", ctb.Name, ctb.Spec.SignerName, len(got))
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no ClusterTrustBundle: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
+	var ctb *certsv1beta1.ClusterTrustBundle
+	poll.Until(t, "the signer's ClusterTrustBundle", func() bool {
+		ctb, err = e.c.Client.CertificatesV1beta1().ClusterTrustBundles().Get(context.Background(), podcert.TrustBundleName(podcert.DefaultSignerName), metav1.GetOptions{})
+		return err == nil
+	})
+	got, _ := ca.ParseCertificatesPEM([]byte(ctb.Spec.TrustBundle))
+	if ctb.Spec.SignerName != podcert.DefaultSignerName || len(got) != 1 || !got[0].Equal(e.roots[0]) {
+		t.Errorf("ClusterTrustBundle %s: signer %q, %d roots", ctb.Name, ctb.Spec.SignerName, len(got))
 	}
 }
 

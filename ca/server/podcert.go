@@ -30,7 +30,9 @@ type PodRequest struct {
 	TTL            time.Duration // clamped as any request's
 }
 
-// Refusals of IssuePod, for the signer to turn into Denied or Failed.
+// Refusals of admission and issuance (admit, issue): IssuePod returns
+// them for the signer to turn into Denied or Failed; the gRPC services
+// turn them into status codes (grpcError).
 var (
 	ErrDenied      = errors.New("server: identity denied by an administrator")
 	ErrRateLimited = errors.New("server: rate limit exceeded")
@@ -47,40 +49,20 @@ func (s *CertificateService) IssuePod(ctx context.Context, r PodRequest) (*ca.Ce
 		s.refusals.refuse(s.log, slog.LevelWarn, "bad_identity", "pod certificate refused: no valid SPIFFE ID", "namespace", r.Namespace, "service_account", r.ServiceAccount, "error", err)
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	holder := nodeauth.Workload{ID: id, Namespace: r.Namespace, ServiceAccount: r.ServiceAccount}
-	log := s.log.With("spiffe_id", id.String(), "pod", podRef(caller), "node", r.NodeName)
-	defer s.denyList.Guard()()
-	if s.denied(id, "") {
-		s.refusals.refuse(log, slog.LevelWarn, "denied", "pod certificate refused")
-		return nil, ErrDenied
+	a := &authorized{
+		holder: nodeauth.Workload{ID: id, Namespace: r.Namespace, ServiceAccount: r.ServiceAccount},
+		caller: caller,
+		log:    s.log.With("spiffe_id", id.String(), "pod", podRef(caller), "node", r.NodeName),
 	}
-	if ok, scope := s.limiter.allow(limitKey(id, caller, false), r.Namespace); !ok {
-		s.metrics.rateLimited.WithLabelValues(scope).Inc()
-		s.refusals.refuse(log, slog.LevelWarn, "rate_limited", "pod certificate refused", "scope", scope)
-		return nil, fmt.Errorf("%w (%s)", ErrRateLimited, scope)
-	}
-	cert, err := s.authority.Issue(ca.Request{ID: id, PublicKey: r.PublicKey, TTL: r.TTL})
+	release, err := s.admit(a)
 	if err != nil {
-		reason := "sign_failed"
-		if errors.Is(err, ca.ErrNoIssuer) {
-			reason = "not_ready"
-		}
-		s.refusals.refuse(log, slog.LevelWarn, reason, "pod certificate not signed", "error", err)
 		return nil, err
 	}
-	rec := record(cert, holder, caller, "", "", s.now())
-	start := s.now()
-	err = s.ledger.Record(ctx, rec)
-	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
+	defer release()
+	cert, err := s.issue(ctx, a, r.PublicKey, r.TTL, "pod certificate issued")
 	if err != nil {
-		s.refusals.refuse(log, slog.LevelError, "not_recorded", "certificate not recorded; not returned", "serial", rec.Serial, "error", err)
-		return nil, fmt.Errorf("%w: %w", ErrNotRecorded, err)
-	}
-	if s.denied(id, "") {
-		s.refusals.refuse(log, slog.LevelWarn, "denied", "pod certificate refused", "serial", rec.Serial)
-		return nil, ErrDenied
+		return nil, err
 	}
 	s.metrics.podCertificates.Inc()
-	log.Info("pod certificate issued", "serial", rec.Serial, "not_after", cert.Leaf.NotAfter.UTC(), "auth", string(MethodPodCertificate))
 	return cert, nil
 }

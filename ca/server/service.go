@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -164,7 +165,7 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		return nil, err
 	}
 	defer release()
-	holder, caller, requestedBy, claimed, log := a.holder, a.caller, a.requestedBy, a.claimed, a.log
+	holder, log := a.holder, a.log
 	ttl, err := requestedTTL(req.GetValidityDuration())
 	if err != nil {
 		s.refusals.refuse(log, slog.LevelWarn, "bad_ttl", "request refused", "error", err)
@@ -178,41 +179,10 @@ func (s *CertificateService) createCertificate(ctx context.Context, req *pb.Isti
 		}
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	cert, err := s.authority.Issue(ca.Request{ID: holder.ID, PublicKey: pub, TTL: ttl})
+	cert, err := s.issue(ctx, a, pub, ttl, "certificate issued")
 	if err != nil {
-		if errors.Is(err, ca.ErrNoIssuer) {
-			s.refusals.refuse(log, slog.LevelWarn, "not_ready", "request refused: no CA certificate loaded yet")
-			return nil, status.Error(codes.Unavailable, msgNotReady)
-		}
-		s.refusals.refuse(log, slog.LevelError, "sign_failed", "signing failed", "error", err)
-		return nil, status.Error(codes.Internal, msgSignFailed)
+		return nil, grpcError(err)
 	}
-	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
-	cluster := caller.Cluster // the cluster that verified the token
-	if cluster == "" {
-		cluster = claimed // an authenticator that knows one cluster and no name for it
-	}
-	rec := record(cert, holder, caller, requestedBy, cluster, s.now())
-	start := s.now()
-	err = s.ledger.Record(ctx, rec)
-	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
-	if err != nil {
-		// Signed but never returned: a certificate no one holds.
-		s.refusals.refuse(log, slog.LevelError, "not_recorded", "certificate not recorded; not returned", "serial", serial, "error", err)
-		if errors.Is(err, ledger.ErrUnavailable) || ctx.Err() != nil {
-			return nil, status.Error(codes.Unavailable, msgNotRecorded)
-		}
-		return nil, status.Error(codes.Internal, msgNotRecorded)
-	}
-	if s.denied(holder.ID, requestedBy) {
-		// Denied while it was being signed: recorded, never returned.
-		s.refusals.refuse(log, slog.LevelWarn, "denied", "request refused", "serial", serial)
-		return nil, status.Error(codes.PermissionDenied, msgDenied)
-	}
-	log.Info("certificate issued",
-		"serial", serial,
-		"not_after", cert.Leaf.NotAfter.UTC(),
-		"auth", string(caller.Method))
 	return &pb.IstioCertificateResponse{CertChain: cert.ChainPEM}, nil
 }
 
@@ -272,20 +242,105 @@ func (s *CertificateService) authorize(ctx context.Context, impersonated *string
 		a.holder, a.requestedBy = w, id.String()
 		a.log = a.log.With("for", w.ID.String())
 	}
-	release := s.denyList.Guard()
+	release, err := s.admit(a)
+	if err != nil {
+		return nil, nil, grpcError(err)
+	}
+	return a, release, nil
+}
+
+// admit decides whether a's holder may have a credential now: not denied,
+// within the rate limits. On success the deny list's Guard is held until
+// release is called; refusals are logged and counted, and returned as
+// ErrDenied or ErrRateLimited.
+func (s *CertificateService) admit(a *authorized) (release func(), err error) {
+	release = s.denyList.Guard()
 	if s.denied(a.holder.ID, a.requestedBy) {
 		release()
 		s.refusals.refuse(a.log, slog.LevelWarn, "denied", "request refused")
-		return nil, nil, status.Error(codes.PermissionDenied, msgDenied)
+		return nil, ErrDenied
 	}
-	if ok, scope := s.limiter.allow(limitKey(a.holder.ID, caller, a.requestedBy != ""), a.holder.Namespace); !ok {
+	if ok, scope := s.limiter.allow(limitKey(a.holder.ID, a.caller, a.requestedBy != ""), a.holder.Namespace); !ok {
 		release()
 		s.metrics.rateLimited.WithLabelValues(scope).Inc()
 		s.refusals.refuse(a.log, slog.LevelWarn, "rate_limited", "request refused", "scope", scope)
-		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[scope]
-		return nil, nil, status.Error(codes.ResourceExhausted, msg)
+		return nil, &rateLimitError{scope: scope}
 	}
-	return a, release, nil
+	return release, nil
+}
+
+// rateLimitError is ErrRateLimited in one scope.
+type rateLimitError struct{ scope string }
+
+func (e *rateLimitError) Error() string   { return ErrRateLimited.Error() + " (" + e.scope + ")" }
+func (e *rateLimitError) Is(t error) bool { return t == ErrRateLimited }
+
+// errSignFailed: the authority failed for another reason than having no
+// CA loaded.
+var errSignFailed = errors.New("server: signing failed")
+
+// issue signs holder's certificate for pub, records it, and returns it
+// unless the holder was denied meanwhile; call it holding the Guard from
+// admit. Refusals are logged and counted, and returned as ca.ErrNoIssuer,
+// errSignFailed, ErrNotRecorded (wrapping ledger.ErrUnavailable when the
+// ledger or the caller went away) or ErrDenied.
+func (s *CertificateService) issue(ctx context.Context, a *authorized, pub crypto.PublicKey, ttl time.Duration, issued string) (*ca.Certificate, error) {
+	holder, caller, log := a.holder, a.caller, a.log
+	cert, err := s.authority.Issue(ca.Request{ID: holder.ID, PublicKey: pub, TTL: ttl})
+	if err != nil {
+		if errors.Is(err, ca.ErrNoIssuer) {
+			s.refusals.refuse(log, slog.LevelWarn, "not_ready", "request refused: no CA certificate loaded yet")
+			return nil, err
+		}
+		s.refusals.refuse(log, slog.LevelError, "sign_failed", "signing failed", "error", err)
+		return nil, errSignFailed
+	}
+	serial := fmt.Sprintf("%x", cert.Leaf.SerialNumber)
+	cluster := caller.Cluster // the cluster that verified the token
+	if cluster == "" {
+		cluster = a.claimed // an authenticator that knows one cluster and no name for it
+	}
+	rec := record(cert, holder, caller, a.requestedBy, cluster, s.now())
+	start := s.now()
+	err = s.ledger.Record(ctx, rec)
+	s.metrics.ledgerWrites.Observe(s.now().Sub(start).Seconds())
+	if err != nil {
+		// Signed but never returned: a certificate no one holds.
+		s.refusals.refuse(log, slog.LevelError, "not_recorded", "certificate not recorded; not returned", "serial", serial, "error", err)
+		if ctx.Err() != nil && !errors.Is(err, ledger.ErrUnavailable) {
+			err = fmt.Errorf("%w: %w", ledger.ErrUnavailable, err)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrNotRecorded, err)
+	}
+	if s.denied(holder.ID, a.requestedBy) {
+		// Denied while it was being signed: recorded, never returned.
+		s.refusals.refuse(log, slog.LevelWarn, "denied", "request refused", "serial", serial)
+		return nil, ErrDenied
+	}
+	log.Info(issued,
+		"serial", serial,
+		"not_after", cert.Leaf.NotAfter.UTC(),
+		"auth", string(caller.Method))
+	return cert, nil
+}
+
+// grpcError is the status a client gets for an error of admit or issue.
+func grpcError(err error) error {
+	var limited *rateLimitError
+	switch {
+	case errors.Is(err, ErrDenied):
+		return status.Error(codes.PermissionDenied, msgDenied)
+	case errors.As(err, &limited):
+		msg := map[string]string{scopePod: msgRateLimited, scopeNamespace: msgNamespaceLimit, scopeGlobal: msgGlobalLimit}[limited.scope]
+		return status.Error(codes.ResourceExhausted, msg)
+	case errors.Is(err, ca.ErrNoIssuer):
+		return status.Error(codes.Unavailable, msgNotReady)
+	case errors.Is(err, ErrNotRecorded) && errors.Is(err, ledger.ErrUnavailable):
+		return status.Error(codes.Unavailable, msgNotRecorded)
+	case errors.Is(err, ErrNotRecorded):
+		return status.Error(codes.Internal, msgNotRecorded)
+	}
+	return status.Error(codes.Internal, msgSignFailed)
 }
 
 // impersonate decides a node proxy's request for the identity requested

@@ -46,6 +46,7 @@ import (
 	"github.com/meshid/meshid/ca/rotation"
 	"github.com/meshid/meshid/ca/server"
 	"github.com/meshid/meshid/ca/stepca"
+	"github.com/meshid/meshid/internal/atomicfile"
 	"github.com/meshid/meshid/internal/kubeconfig"
 	"github.com/meshid/meshid/internal/logging"
 	"github.com/meshid/meshid/internal/version"
@@ -813,7 +814,7 @@ func keepTrustFiles(ctx context.Context, dir string, files map[string]func() []b
 					err = nil
 				}
 			} else {
-				err = writeFileAtomic(path, data, 0o644)
+				err = atomicfile.Write(path, data, 0o644)
 			}
 			if err != nil {
 				log.Error("writing a trust bundle file failed", "file", path, "error", err)
@@ -830,30 +831,6 @@ func keepTrustFiles(ctx context.Context, dir string, files map[string]func() []b
 		case <-t.C:
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data, so readers see the old file or
-// the new one, never a part.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Chmod(mode)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // newJWTKeys makes the JWT-SVID signing keys in the store --jwt-keys

@@ -34,6 +34,8 @@ type CA struct {
 	authority *ca.Authority
 	root      *x509.Certificate
 	jwt       *jwtsvid.Keys
+	jwtOnce   sync.Once
+	jwtErr    error
 	mu        sync.Mutex
 	down      bool
 	calls     int
@@ -70,14 +72,24 @@ func NewIn(t testing.TB, td string) *CA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := jwtKeys.Sync(context.Background()); err != nil {
-		t.Fatal(err)
-	}
 	return &CA{authority: a, root: is.Root(), jwt: jwtKeys}
 }
 
+// jwtKeys are the CA's JWT keys, made on first use: most tests of the
+// agent never ask for a JWT-SVID.
+func (c *CA) jwtKeys() (*jwtsvid.Keys, error) {
+	c.jwtOnce.Do(func() { c.jwtErr = c.jwt.Sync(context.Background()) })
+	return c.jwt, c.jwtErr
+}
+
 // JWTAuthorities are the CA's JWT-SVID keys, by kid.
-func (c *CA) JWTAuthorities() map[string]crypto.PublicKey { return c.jwt.Published() }
+func (c *CA) JWTAuthorities() map[string]crypto.PublicKey {
+	k, err := c.jwtKeys()
+	if err != nil {
+		panic(err) // a temporary directory that cannot be written
+	}
+	return k.Published()
+}
 
 // SignJWT signs a JWT-SVID for the SPIFFE ID in token, as MintJWTSVID
 // does.
@@ -86,7 +98,11 @@ func (c *CA) SignJWT(token string, audience []string) (*jwtsvid.SVID, error) {
 	if err != nil {
 		return nil, err
 	}
-	s, err := c.jwt.Sign(id, audience, 0)
+	k, err := c.jwtKeys()
+	if err != nil {
+		return nil, err
+	}
+	s, err := k.Sign(id, audience, 0)
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
